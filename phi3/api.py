@@ -1,0 +1,122 @@
+"""The Python API the CLI is built on: `phi3.load(...)` -> `LanguageModel` with generate / stream / chat."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .checkpoint import build_model, default_dtype, load_hf_checkpoint
+from .config import ModelConfig
+from .errors import CheckpointError, Phi3Error
+from .generate import Completion, Delta, SamplingParams, complete, stream
+from .models.phi3 import Phi3ForCausalLM
+from .tokenizer import Tokenizer
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+@dataclass
+class LanguageModel:
+    model: Phi3ForCausalLM
+    tokenizer: Tokenizer
+    source: str
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    # ---- prompts -------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """A plain-completion prompt: the tokenizer's BOS (if it adds one) + the text."""
+        return self.tokenizer.encode(text, add_special_tokens=True)
+
+    def chat_prompt(self, messages: str | list[dict]) -> list[int]:
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    # ---- generation ----------------------------------------------------------------------------
+    def stream_ids(self, prompt_ids: list[int], **sampling) -> Iterator[Delta]:
+        return stream(self.model, self.tokenizer, prompt_ids, SamplingParams(**sampling))
+
+    def complete_ids(self, prompts: list[list[int]], **sampling) -> list[Completion]:
+        return complete(self.model, self.tokenizer, prompts, SamplingParams(**sampling))
+
+    def generate(self, prompt: str | list[str], **sampling) -> str | list[str]:
+        """Plain completion (no chat template). A list of prompts is generated as one batch."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        texts = [c.text for c in self.complete_ids([self.encode(p) for p in prompts], **sampling)]
+        return texts[0] if isinstance(prompt, str) else texts
+
+    def stream(self, prompt: str, **sampling) -> Iterator[str]:
+        return (d.text for d in self.stream_ids(self.encode(prompt), **sampling) if d.text)
+
+    def chat(self, messages: str | list[dict], **sampling) -> str:
+        return self.complete_ids([self.chat_prompt(messages)], **sampling)[0].text
+
+    def chat_stream(self, messages: str | list[dict], **sampling) -> Iterator[str]:
+        return (d.text for d in self.stream_ids(self.chat_prompt(messages), **sampling) if d.text)
+
+
+# ---- loading --------------------------------------------------------------------------------------
+def is_gguf_file(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def load_gguf_model(path: Path, dtype=None) -> tuple[Phi3ForCausalLM, Tokenizer]:
+    from .gguf import gguf_state_dict, gguf_to_hf_config, read_gguf
+
+    f = read_gguf(path)
+    cfg = ModelConfig.from_hf_dict(gguf_to_hf_config(f), source=str(path))
+    dt = default_dtype(cfg, dtype)
+    model = build_model(cfg, gguf_state_dict(f, dtype=torch.float32), dt, source=str(path))
+    return model, Tokenizer.from_gguf_metadata(f.metadata, source=str(path))
+
+
+def resolve(model: str | os.PathLike | None) -> Path:
+    """An HF directory, a GGUF file, a Hub id (downloaded with huggingface_hub), or None for the default."""
+    if model is None:
+        from .default_model import default_model_path
+        return default_model_path()
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    if HUB_ID.match(str(model)) and not str(model).startswith("."):
+        return download_from_hub(str(model))
+    raise CheckpointError(f"{model}: no such file or directory (expected an HF model directory, "
+                          f"a .gguf file, or a Hugging Face Hub id like microsoft/Phi-3-mini-4k-instruct)")
+
+
+def download_from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+        os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as e:  # network, auth, missing repo: all end the same way for the user
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise Phi3Error(f"could not get {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {reason[:300]}). "
+                        f"Download it elsewhere and pass the local directory with --model.") from None
+
+
+def load(model: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None) -> LanguageModel:
+    """Load a model and its tokenizer: HF directory, GGUF file, Hub id, or the default model (None)."""
+    path = resolve(model)
+    if path.is_dir():
+        return LanguageModel(load_hf_checkpoint(path, dtype), Tokenizer.from_dir(path), str(path))
+    if not is_gguf_file(path):
+        raise CheckpointError(f"{path}: not a GGUF file (bad magic) and not an HF model directory")
+    net, tok = load_gguf_model(path, dtype)
+    return LanguageModel(net, tok, str(path))
+
+
+__all__ = ["LanguageModel", "load", "Phi3Error"]

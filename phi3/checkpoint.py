@@ -1,0 +1,236 @@
+"""HF checkpoints in and out: config.json + (sharded) safetensors + generation_config.json + tokenizer.
+
+Llama-layout checkpoints (separate q/k/v and gate/up) are fused onto the Phi-3 module layout at
+load time and split back on export, so one model class serves both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig, read_config_file
+from .errors import CheckpointError
+from .layers import RotaryEmbedding
+from .models.phi3 import Phi3ForCausalLM
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise CheckpointError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+# ---- layout conversion ----------------------------------------------------------------------
+def fuse_llama_layout(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """q_proj/k_proj/v_proj -> qkv_proj ([Q | K | V] rows); gate_proj/up_proj -> gate_up_proj."""
+    out = dict(sd)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        parts = [p + f"self_attn.{n}_proj.weight" for n in "qkv"]
+        if all(n in out for n in parts):
+            out[p + "self_attn.qkv_proj.weight"] = torch.cat([out.pop(n) for n in parts], dim=0)
+        parts = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
+        if all(n in out for n in parts):
+            out[p + "mlp.gate_up_proj.weight"] = torch.cat([out.pop(n) for n in parts], dim=0)
+    return out
+
+
+def split_to_llama_layout(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    for name, t in sd.items():
+        if name.endswith("self_attn.qkv_proj.weight"):
+            stem = name[: -len("qkv_proj.weight")]
+            for part, w in zip("qkv", t.split([q, kv, kv], dim=0)):
+                out[f"{stem}{part}_proj.weight"] = w
+        elif name.endswith("mlp.gate_up_proj.weight"):
+            stem = name[: -len("gate_up_proj.weight")]
+            gate, up = t.chunk(2, dim=0)
+            out[stem + "gate_proj.weight"], out[stem + "up_proj.weight"] = gate, up
+        else:
+            out[name] = t
+    return out
+
+
+# ---- building a model from tensors ------------------------------------------------------------
+def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
+                source: str = "checkpoint") -> Phi3ForCausalLM:
+    """Assign `state_dict` (HF names, either layout) to a model built without allocating weights."""
+    sd = fuse_llama_layout(state_dict, cfg) if cfg.layout == "llama" else dict(state_dict)
+    sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    missing = sorted(set(expected) - set(sd))
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise CheckpointError(f"{source}: missing tensor {', '.join(missing[:3])}{more}")
+    unexpected = sorted(set(sd) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]} for model_type {cfg.model_type!r}")
+    for name, shape in expected.items():
+        if tuple(sd[name].shape) != tuple(shape):
+            raise CheckpointError(f"{source}: tensor {name} has shape {list(sd[name].shape)}, "
+                                  f"expected {list(shape)} from config.json")
+    sd = {k: v.to(dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.rotary = RotaryEmbedding(cfg)  # buffers were on the meta device
+    return model.eval()
+
+
+# ---- reading safetensors ----------------------------------------------------------------------
+def safetensors_files(path: Path) -> list[Path]:
+    index = path / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: unreadable index ({e})") from None
+        files = sorted({path / f for f in weight_map.values()})
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"{index}: shard {f.name} is missing")
+        return files
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    found = sorted(path.glob("*.safetensors"))
+    if found:
+        return found
+    raise CheckpointError(f"{path}: no model.safetensors or {INDEX_NAME} found")
+
+
+def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    """All tensors of the shards, memory-mapped by safetensors; a truncated file is named."""
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        size = f.stat().st_size
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for name in handle.keys():
+                    tensors[name] = handle.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{f}: truncated or corrupt safetensors file ({size} bytes): {e}") from None
+    return tensors
+
+
+def load_hf_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None) -> Phi3ForCausalLM:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    cfg = read_config_file(path / "config.json")
+    tensors = read_safetensors(safetensors_files(path))
+    return build_model(cfg, tensors, default_dtype(cfg, dtype), source=str(path))
+
+
+def default_dtype(cfg: ModelConfig, dtype: str | torch.dtype | None) -> torch.dtype:
+    """'auto' (None): fp32 below 2B parameters, else the checkpoint's dtype (bf16 for releases)."""
+    if dtype not in (None, "auto"):
+        return parse_dtype(dtype)
+    if cfg.num_parameters() < 2e9:
+        return torch.float32
+    return DTYPES.get(str(cfg.torch_dtype), torch.bfloat16)
+
+
+# ---- writing ----------------------------------------------------------------------------------
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_state_dict(model: Phi3ForCausalLM) -> dict[str, torch.Tensor]:
+    cfg = model.config
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    return split_to_llama_layout(sd, cfg) if cfg.layout == "llama" else sd
+
+
+def save_hf_checkpoint(model: Phi3ForCausalLM, path: str | Path, tokenizer=None,
+                       max_shard_bytes: int = 5 * 2**30, dtype: str | torch.dtype | None = None) -> Path:
+    """Write an HF directory that transformers loads unchanged. Every file is written atomically."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    sd = export_state_dict(model)
+    if dtype is not None:
+        sd = {k: v.to(parse_dtype(dtype)) for k, v in sd.items()}
+    out_dtype = next(iter(sd.values())).dtype
+    shards = _shard(sd, max_shard_bytes)
+    if len(shards) == 1:
+        _atomic_save_safetensors(shards[0], path / "model.safetensors")
+        (path / INDEX_NAME).unlink(missing_ok=True)
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        weight_map = {}
+        for name, shard in zip(names, shards):
+            _atomic_save_safetensors(shard, path / name)
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in sd.values())
+        atomic_write_json(path / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        (path / "model.safetensors").unlink(missing_ok=True)
+    hf = cfg.to_hf_dict()
+    hf["torch_dtype"] = str(out_dtype).removeprefix("torch.")
+    atomic_write_json(path / "config.json", hf)
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+    if tokenizer is not None and tokenizer.stop_token_ids:
+        gen["eos_token_id"] = sorted(tokenizer.stop_token_ids)
+    atomic_write_json(path / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def _shard(sd: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards, current, size = [], {}, 0
+    for name, t in sd.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    shards.append(current)
+    return shards

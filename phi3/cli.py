@@ -1,0 +1,159 @@
+"""`phi3 <verb>`: chat, generate, convert, info, fetch — thin wrappers over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import Phi3Error
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="HF model directory, .gguf file or Hugging Face Hub id (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (auto: fp32 below 2B parameters)")
+
+
+def _add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
+    p.add_argument("--max-new-tokens", "-n", type=int, default=256)
+    p.add_argument("--temperature", "-t", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _sampling(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                seed=args.seed, stop_strings=tuple(args.stop))
+
+
+def _load(args):
+    from .api import load
+    return load(args.model, None if args.dtype == "auto" else args.dtype)
+
+
+def _print_stream(chunks) -> str:
+    parts = []
+    for text in chunks:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        parts.append(text)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(parts)
+
+
+def cmd_chat(args) -> int:
+    lm = _load(args)
+    sampling = _sampling(args)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    if args.message:
+        history.append({"role": "user", "content": " ".join(args.message)})
+        _print_stream(lm.chat_stream(history, **sampling))
+        return 0
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"phi3 chat — {Path(lm.source).name}. /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            return 0
+        if not line.strip():
+            continue
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": line})
+        reply = _print_stream(lm.chat_stream(history, **sampling))
+        history.append({"role": "assistant", "content": reply})
+
+
+def cmd_generate(args) -> int:
+    lm = _load(args)
+    _print_stream(lm.stream(args.prompt, **_sampling(args)))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .api import load
+    from .checkpoint import save_hf_checkpoint
+
+    dst = Path(args.dst)
+    if dst.suffix == ".gguf":
+        raise Phi3Error(f"{dst}: GGUF export is not available yet; give a directory for an HF checkpoint")
+    if dst.exists() and not dst.is_dir():
+        raise Phi3Error(f"{dst}: exists and is not a directory")
+    lm = load(args.src, None if args.dtype == "auto" else args.dtype)
+    save_hf_checkpoint(lm.model, dst, tokenizer=lm.tokenizer,
+                       dtype=None if args.dtype == "auto" else args.dtype)
+    print(f"wrote HF checkpoint {dst} ({lm.config.layout} layout, {lm.config.num_parameters() / 1e6:.1f}M parameters)")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .info import describe
+    print(describe(args.model))
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from .default_model import default_model_path
+    print(default_model_path())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="phi3", description="The Phi-3 model family: chat, generate, convert, inspect.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("chat", help="chat with a model (interactive without MESSAGE)")
+    _add_model(p)
+    _add_sampling(p, temperature=0.0)
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("message", nargs="*", help="one message: print just the reply")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("generate", help="plain completion of PROMPT (no chat template)")
+    _add_model(p)
+    _add_sampling(p, temperature=0.0)
+    p.add_argument("prompt")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("convert", help="convert SRC (GGUF or HF directory) to an HF directory DST")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--dtype", default="auto", help="weights dtype of the output (auto keeps the loaded dtype)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("info", help="architecture, parameters and bytes of a model")
+    p.add_argument("model", nargs="?", default=None)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("fetch", help="fetch the embedded default model from PyPI and print its path")
+    p.set_defaults(func=cmd_fetch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Phi3Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

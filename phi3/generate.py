@@ -1,0 +1,276 @@
+"""The one generator: batched prompts, fixed-size KV cache, sampling, stop tokens and strings, streaming.
+
+The CLI, the Python API, the server and the evaluators all call `generate_tokens` (token level)
+or `stream` / `complete` (text level) from here.
+
+LongRoPE cache rule: a forward call uses the long factors when its longest sequence is longer
+than `original_max_position_embeddings` (L0). The cache is filled under short factors while the
+sequence is at most L0 tokens long; the first step whose sequence reaches L0 + 1 tokens recomputes
+the whole sequence (prompt + generated so far) under the long factors, then decoding continues
+from that cache. This is exactly what transformers' `Phi3ForCausalLM.generate` does; in a batch the
+choice follows the longest row (its padded length), also as transformers does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .errors import Phi3Error
+from .models.phi3 import Cache
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_token_ids: frozenset[int] | None = None  # None: the tokenizer's stop tokens
+    stop_strings: tuple[str, ...] = field(default_factory=tuple)
+
+    def validate(self) -> "SamplingParams":
+        checks = [
+            ("max_new_tokens", self.max_new_tokens, isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, ">= 1"),
+            ("temperature", self.temperature, 0.0 <= self.temperature <= 100.0, "in [0, 100]"),
+            ("top_k", self.top_k, isinstance(self.top_k, int) and self.top_k >= 0, ">= 0"),
+            ("top_p", self.top_p, 0.0 < self.top_p <= 1.0, "in (0, 1]"),
+            ("min_p", self.min_p, 0.0 <= self.min_p <= 1.0, "in [0, 1]"),
+            ("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0.0, "> 0"),
+        ]
+        for name, value, ok, rule in checks:
+            if not ok:
+                raise Phi3Error(f"invalid sampling parameter {name}={value!r}: must be {rule}")
+        if isinstance(self.stop_strings, str):
+            self.stop_strings = (self.stop_strings,)
+        self.stop_strings = tuple(s for s in self.stop_strings if s)
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+# ---- sampling -----------------------------------------------------------------------------------
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """HF rule: seen tokens' logits are divided by the penalty when positive, multiplied when negative."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p, min-p (HF order). logits [B, V] fp32 -> filtered logits."""
+    logits = logits / p.temperature
+    neg_inf = torch.finfo(logits.dtype).min
+    if p.top_k > 0:
+        k = min(p.top_k, logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, neg_inf)
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative <= 1 - p.top_p
+        drop_sorted[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), neg_inf)
+    if p.min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < p.min_p * probs.max(-1, keepdim=True).values, neg_inf)
+    return logits
+
+
+def sample_next(logits: torch.Tensor, seen: torch.Tensor, p: SamplingParams, rng: torch.Generator) -> torch.Tensor:
+    """logits [B, V] -> next token ids [B]."""
+    logits = logits.float()
+    if p.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
+    if p.greedy:
+        return logits.argmax(-1)
+    probs = filter_logits(logits, p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
+
+
+# ---- token-level generation ---------------------------------------------------------------------
+def _check_context(model, prompts: list[list[int]], max_new_tokens: int) -> int:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise Phi3Error("empty prompt: every prompt needs at least one token")
+    context = model.config.max_position_embeddings
+    longest = max(len(p) for p in prompts)
+    if longest >= context:
+        raise Phi3Error(f"prompt has {longest} tokens but the model's context is {context} tokens")
+    return min(max_new_tokens, context - longest)
+
+
+@torch.inference_mode()
+def generate_tokens(model, prompts: list[list[int]], params: SamplingParams,
+                    stop_token_ids: frozenset[int] = frozenset(), pad_id: int = 0) -> Iterator[list[int | None]]:
+    """Yield, per decoding step, the new token of every row (None once a row has stopped).
+
+    Prompts of different lengths are left-padded; each row keeps its own positions, so padding
+    never changes a row's result. A row stops after emitting a stop token (which is yielded) or
+    when the caller stops iterating; the whole batch stops after `max_new_tokens` steps.
+    """
+    params.validate()
+    vocab = model.config.vocab_size
+    for p in prompts:
+        bad = [t for t in p if not 0 <= t < vocab]
+        if bad:
+            raise Phi3Error(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+    max_new = _check_context(model, prompts, params.max_new_tokens)
+    device = model.lm_head.weight.device
+    batch, longest = len(prompts), max(len(p) for p in prompts)
+    total = longest + max_new
+    ids = torch.full((batch, total), pad_id, dtype=torch.long, device=device)
+    pos = torch.full((batch, total), -1, dtype=torch.long, device=device)
+    for row, p in enumerate(prompts):
+        ids[row, longest - len(p):longest] = torch.tensor(p, dtype=torch.long)
+        pos[row, longest - len(p):longest] = torch.arange(len(p))
+    seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
+    if params.repetition_penalty != 1.0:
+        for row, p in enumerate(prompts):
+            seen[row, torch.tensor(p)] = True
+    rng = torch.Generator(device=device)
+    rng.manual_seed(params.seed if params.seed is not None else torch.seed())
+
+    cache = Cache(model, batch, total, device=device)
+    rotary = model.rotary
+    logits = model(ids[:, :longest], pos[:, :longest], cache, seq_len=longest, last_only=True)[:, -1]
+    cache_long = rotary.uses_long_factors(longest)
+    done = [False] * batch
+    length = longest
+    for step in range(max_new):
+        tokens = sample_next(logits, seen, params, rng)
+        out = []
+        for row in range(batch):
+            if done[row]:
+                out.append(None)
+                tokens[row] = pad_id
+                continue
+            t = int(tokens[row])
+            out.append(t)
+            done[row] = t in stop_token_ids
+        seen[torch.arange(batch), tokens] = True
+        yield out
+        if all(done) or step == max_new - 1:
+            return
+        ids[:, length] = tokens
+        pos[:, length] = pos[:, length - 1] + 1
+        length += 1
+        if not cache_long and rotary.uses_long_factors(length):
+            # The sequence now passes L0: recompute everything under the long factors.
+            cache.reset()
+            logits = model(ids[:, :length], pos[:, :length], cache, seq_len=length, last_only=True)[:, -1]
+            cache_long = True
+        else:
+            logits = model(ids[:, length - 1:length], pos[:, length - 1:length], cache, seq_len=length)[:, -1]
+
+
+# ---- text level ---------------------------------------------------------------------------------
+@dataclass
+class Delta:
+    """A piece of streamed output: new text, the tokens that made it, and why generation ended."""
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" (stop token or string) or "length"
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class _TextRow:
+    """Detokenises one row incrementally, cuts at stop strings, holds back a possible stop-string prefix."""
+
+    def __init__(self, tokenizer, stop_ids: frozenset[int], stop_strings: tuple[str, ...]):
+        self.decoder = tokenizer.stream_decoder()
+        self.stop_ids, self.stop_strings = stop_ids, stop_strings
+        self.pending = ""  # decoded but not yet emitted
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
+
+    def push(self, token: int) -> str:
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+            return self._release(self.pending + self.decoder.flush())
+        self.token_ids.append(token)
+        self.pending += self.decoder.push(token)
+        for s in self.stop_strings:
+            cut = self.pending.find(s)
+            if cut >= 0:
+                self.finish_reason = "stop"
+                return self._release(self.pending[:cut])
+        hold = _longest_stop_prefix(self.pending, self.stop_strings)
+        text, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold:]
+        return text
+
+    def finish(self) -> str:
+        if self.finish_reason is None:
+            self.finish_reason = "length"
+        text = self.pending + self.decoder.flush()
+        for s in self.stop_strings:
+            if s in text:
+                text = text[: text.find(s)]
+        return self._release(text)
+
+    def _release(self, text: str) -> str:
+        self.pending = ""
+        return text
+
+
+def _longest_stop_prefix(text: str, stops: tuple[str, ...]) -> int:
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+def _stop_ids(tokenizer, params: SamplingParams) -> frozenset[int]:
+    return frozenset(params.stop_token_ids) if params.stop_token_ids is not None else tokenizer.stop_token_ids
+
+
+def stream(model, tokenizer, prompt_ids: list[int], params: SamplingParams) -> Iterator[Delta]:
+    """Stream one completion as text deltas; the last delta carries the finish reason."""
+    stop_ids = _stop_ids(tokenizer, params)
+    row = _TextRow(tokenizer, stop_ids, params.validate().stop_strings)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for (token,) in generate_tokens(model, [prompt_ids], params, stop_ids, pad):
+        text = row.push(token)
+        if row.finish_reason:
+            yield Delta(text, [] if token in stop_ids else [token], row.finish_reason)
+            return
+        if text:
+            yield Delta(text, [token])
+    yield Delta(row.finish(), [], row.finish_reason)
+
+
+def complete(model, tokenizer, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+    """Batched completions of several prompts (left-padded together)."""
+    stop_ids = _stop_ids(tokenizer, params)
+    rows = [_TextRow(tokenizer, stop_ids, params.validate().stop_strings) for _ in prompts]
+    texts = [[] for _ in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for step in generate_tokens(model, prompts, params, stop_ids, pad):
+        for i, token in enumerate(step):
+            if token is not None and rows[i].finish_reason is None:
+                texts[i].append(rows[i].push(token))
+        if all(r.finish_reason for r in rows):
+            break
+    for i, r in enumerate(rows):
+        if r.finish_reason is None:
+            texts[i].append(r.finish())
+    return [Completion("".join(t), r.token_ids, r.finish_reason, len(p)) for t, r, p in zip(texts, rows, prompts)]

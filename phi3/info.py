@@ -1,0 +1,56 @@
+"""`phi3 info`: what a checkpoint is, from its metadata alone (no weights are loaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import ModelConfig, read_config_file
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return ""
+
+
+def describe(model: str | None) -> str:
+    from .api import is_gguf_file, resolve
+
+    path = resolve(model)
+    if path.is_dir():
+        cfg = read_config_file(path / "config.json")
+        files = list(path.glob("*.safetensors"))
+        fmt = f"HF safetensors ({len(files)} file{'s' if len(files) != 1 else ''})"
+        nbytes = sum(f.stat().st_size for f in files)
+        types = str(cfg.torch_dtype)
+    else:
+        from .gguf import gguf_to_hf_config, read_gguf
+
+        if not is_gguf_file(path):
+            from .errors import CheckpointError
+            raise CheckpointError(f"{path}: not a GGUF file (bad magic) and not an HF model directory")
+        f = read_gguf(path)
+        cfg = ModelConfig.from_hf_dict(gguf_to_hf_config(f), source=str(path))
+        counts: dict[str, int] = {}
+        for t in f.tensors.values():
+            counts[t.qtype] = counts.get(t.qtype, 0) + 1
+        fmt = f"GGUF (architecture {f.architecture})"
+        nbytes = path.stat().st_size
+        types = ", ".join(f"{k}×{v}" for k, v in sorted(counts.items()))
+    rope = "LongRoPE" if cfg.is_longrope else "RoPE"
+    lines = [
+        f"model:        {path}",
+        f"format:       {fmt}",
+        f"architecture: {cfg.raw.get('architectures', [cfg.model_type])[0]} (model_type {cfg.model_type}, {cfg.layout} layout)",
+        f"parameters:   {cfg.num_parameters() / 1e9:.3f} B",
+        f"bytes:        {_human(nbytes)} on disk; weights {types}",
+        f"layers:       {cfg.num_hidden_layers}, hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}",
+        f"heads:        {cfg.num_attention_heads} query / {cfg.num_key_value_heads} kv, head_dim {cfg.head_dim}",
+        f"vocab:        {cfg.vocab_size}, tied embeddings: {cfg.tie_word_embeddings}",
+        f"context:      {cfg.max_position_embeddings} ({rope}, theta {cfg.rope_theta:g}, "
+        f"original {cfg.original_max_position_embeddings}, rotary dims {cfg.rotary_dim}, "
+        f"sliding window {cfg.sliding_window})",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,107 @@
+"""Dense Phi-3 (`Phi3ForCausalLM`): mini, medium, 3.5-mini, 4-mini — and Llama-layout checkpoints.
+
+Module names follow the HF checkpoint, so `state_dict()` keys are the HF tensor names.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..layers import Attention, GatedMLP, KVCache, RMSNorm, RotaryEmbedding, attention_mask
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = GatedMLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, cache_start=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Phi3Model(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Phi3ForCausalLM(nn.Module):
+    """Decoder-only LM. `forward(input_ids, positions, cache)` -> logits [B, T, V].
+
+    With a `Cache`, tokens are written at `cache.length`; `positions` are absolute positions per
+    row (padding: -1), which drive RoPE, the causal mask and the sliding window.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Phi3Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(cfg)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: "Cache | None" = None,
+        seq_len: int | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        b, t = input_ids.shape
+        if positions is None:
+            positions = torch.arange(t, device=input_ids.device).expand(b, t)
+        if seq_len is None:  # longest sequence in this call, for the LongRoPE choice
+            seq_len = int(positions.max()) + 1
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions.clamp(min=0), seq_len, x.dtype)
+        if cache is not None:
+            start = cache.length
+            k_pos = cache.record_positions(positions)  # [B, start + T]
+        else:
+            start, k_pos = 0, positions
+        mask = attention_mask(positions, k_pos, self.config.sliding_window)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, cache.layers[i] if cache is not None else None, start)
+        if cache is not None:
+            cache.length = start + t
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x))
+
+
+class Cache(nn.Module):
+    """All layers' KV caches plus the absolute position held in each slot (-1 = empty / padding)."""
+
+    def __init__(self, model: Phi3ForCausalLM, batch: int, max_len: int, dtype=None, device=None):
+        super().__init__()
+        cfg = model.config
+        dtype = dtype or model.lm_head.weight.dtype
+        self.max_len = max_len
+        self.layers = nn.ModuleList(
+            KVCache(batch, cfg.num_key_value_heads, max_len, cfg.head_dim, dtype, device)
+            for _ in range(cfg.num_hidden_layers)
+        )
+        self.register_buffer("positions", torch.full((batch, max_len), -1, dtype=torch.long, device=device),
+                             persistent=False)
+        self.length = 0
+
+    def record_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        end = self.length + positions.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} tokens > max_len {self.max_len}")
+        self.positions[:, self.length:end] = positions
+        return self.positions[:, :end]
+
+    def reset(self) -> None:
+        self.length = 0
+        self.positions.fill_(-1)
