@@ -44,20 +44,21 @@ class LanguageModel:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     # ---- generation ----------------------------------------------------------------------------
-    def stream_ids(self, prompt_ids: list[int], **sampling) -> Iterator[Delta]:
-        return stream(self.model, self.tokenizer, prompt_ids, SamplingParams(**sampling))
+    def stream_ids(self, prompt_ids: list[int], continuation: bool = False, **sampling) -> Iterator[Delta]:
+        """Text deltas for a tokenised prompt; `continuation=True` for plain completion (see generate.stream)."""
+        return stream(self.model, self.tokenizer, prompt_ids, SamplingParams(**sampling), continuation)
 
-    def complete_ids(self, prompts: list[list[int]], **sampling) -> list[Completion]:
-        return complete(self.model, self.tokenizer, prompts, SamplingParams(**sampling))
+    def complete_ids(self, prompts: list[list[int]], continuation: bool = False, **sampling) -> list[Completion]:
+        return complete(self.model, self.tokenizer, prompts, SamplingParams(**sampling), continuation)
 
     def generate(self, prompt: str | list[str], **sampling) -> str | list[str]:
         """Plain completion (no chat template). A list of prompts is generated as one batch."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        texts = [c.text for c in self.complete_ids([self.encode(p) for p in prompts], **sampling)]
+        texts = [c.text for c in self.complete_ids([self.encode(p) for p in prompts], continuation=True, **sampling)]
         return texts[0] if isinstance(prompt, str) else texts
 
     def stream(self, prompt: str, **sampling) -> Iterator[str]:
-        return (d.text for d in self.stream_ids(self.encode(prompt), **sampling) if d.text)
+        return (d.text for d in self.stream_ids(self.encode(prompt), continuation=True, **sampling) if d.text)
 
     def chat(self, messages: str | list[dict], **sampling) -> str:
         return self.complete_ids([self.chat_prompt(messages)], **sampling)[0].text

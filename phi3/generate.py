@@ -193,8 +193,8 @@ class Completion:
 class _TextRow:
     """Detokenises one row incrementally, cuts at stop strings, holds back a possible stop-string prefix."""
 
-    def __init__(self, tokenizer, stop_ids: frozenset[int], stop_strings: tuple[str, ...]):
-        self.decoder = tokenizer.stream_decoder()
+    def __init__(self, tokenizer, stop_ids: frozenset[int], stop_strings: tuple[str, ...], context_ids=()):
+        self.decoder = tokenizer.stream_decoder(context_ids=context_ids)
         self.stop_ids, self.stop_strings = stop_ids, stop_strings
         self.pending = ""  # decoded but not yet emitted
         self.token_ids: list[int] = []
@@ -243,10 +243,18 @@ def _stop_ids(tokenizer, params: SamplingParams) -> frozenset[int]:
     return frozenset(params.stop_token_ids) if params.stop_token_ids is not None else tokenizer.stop_token_ids
 
 
-def stream(model, tokenizer, prompt_ids: list[int], params: SamplingParams) -> Iterator[Delta]:
-    """Stream one completion as text deltas; the last delta carries the finish reason."""
+CONTEXT_TOKENS = 8  # prompt tokens the detokenizer sees so a continuation keeps its leading space
+
+
+def stream(model, tokenizer, prompt_ids: list[int], params: SamplingParams, continuation: bool = False) -> Iterator[Delta]:
+    """Stream one completion as text deltas; the last delta carries the finish reason.
+
+    `continuation`: the text continues the prompt's text (plain completion), so a first word
+    piece keeps its leading space; a chat reply (False) starts fresh, as a full decode does.
+    """
     stop_ids = _stop_ids(tokenizer, params)
-    row = _TextRow(tokenizer, stop_ids, params.validate().stop_strings)
+    context = prompt_ids[-CONTEXT_TOKENS:] if continuation else ()
+    row = _TextRow(tokenizer, stop_ids, params.validate().stop_strings, context)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for (token,) in generate_tokens(model, [prompt_ids], params, stop_ids, pad):
         text = row.push(token)
@@ -258,10 +266,12 @@ def stream(model, tokenizer, prompt_ids: list[int], params: SamplingParams) -> I
     yield Delta(row.finish(), [], row.finish_reason)
 
 
-def complete(model, tokenizer, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-    """Batched completions of several prompts (left-padded together)."""
+def complete(model, tokenizer, prompts: list[list[int]], params: SamplingParams,
+             continuation: bool = False) -> list[Completion]:
+    """Batched completions of several prompts (left-padded together); `continuation` as in `stream`."""
     stop_ids = _stop_ids(tokenizer, params)
-    rows = [_TextRow(tokenizer, stop_ids, params.validate().stop_strings) for _ in prompts]
+    rows = [_TextRow(tokenizer, stop_ids, params.validate().stop_strings,
+                     p[-CONTEXT_TOKENS:] if continuation else ()) for p in prompts]
     texts = [[] for _ in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for step in generate_tokens(model, prompts, params, stop_ids, pad):

@@ -683,9 +683,14 @@ class Tokenizer:
     def id_to_token(self, id: int) -> str | None:  # noqa: A002 - the public API name
         return self._backend.id_to_token(int(id))
 
-    def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
-        """An incremental decoder for streaming generated tokens."""
-        return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
+    def stream_decoder(self, skip_special_tokens: bool = False, context_ids=()) -> StreamDecoder:
+        """An incremental decoder for streaming generated tokens.
+
+        `context_ids` (the end of the prompt) makes the output a continuation of that text: a
+        SentencePiece word piece then keeps its leading space (" blue" after "The sky is"),
+        whereas without context the first piece's space is stripped, as in a full decode.
+        """
+        return StreamDecoder(self, skip_special_tokens=skip_special_tokens, context_ids=context_ids)
 
     def __repr__(self) -> str:
         return (f"Tokenizer(source={self.source!r}, vocab_size={self.vocab_size}, "
@@ -750,12 +755,12 @@ class StreamDecoder:
     ends. The concatenation of every `push` plus `flush` equals `decode(all ids)`.
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False, context_ids=()) -> None:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
-        self._ids: list[int] = []
+        self._ids: list[int] = [int(i) for i in context_ids]  # context: decoded for spacing, never emitted
         self._prefix_offset = 0  # start of the decode window
-        self._read_offset = 0  # tokens before this have been emitted
+        self._read_offset = len(self._ids)  # tokens before this have been emitted
         self._byte_ids = tokenizer.byte_fallback_ids
 
     def _decode(self, ids: list[int]) -> str:
@@ -785,5 +790,5 @@ class StreamDecoder:
 
     @property
     def ids(self) -> list[int]:
-        """Every id pushed so far."""
+        """Every id seen so far (context included)."""
         return list(self._ids)
