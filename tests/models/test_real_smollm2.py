@@ -1,0 +1,93 @@
+"""Real weights: SmolLM2-135M-Instruct (the embedded default model, a Q4_1/Q8_0 GGUF) against
+transformers loading the same GGUF file, plus the CLI on it."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+import phi3
+from phi3.checkpoint import load_hf_checkpoint
+
+LOGIT_TOLERANCE = 1e-3  # fp32 on both sides from the same dequantised weights; measured max is ~1e-5
+QUESTION = "What is the capital of France? Answer in one sentence."
+
+
+@pytest.fixture(scope="module")
+def ours(default_gguf):
+    return phi3.load(default_gguf)
+
+
+@pytest.fixture(scope="module")
+def reference(default_gguf):
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        default_gguf.parent, gguf_file=default_gguf.name, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(default_gguf.parent, gguf_file=default_gguf.name)
+    return model, tok
+
+
+def test_logits_match_transformers_on_the_same_gguf(ours, reference):
+    model, tok = reference
+    text = "The quick brown fox jumps over the lazy dog. In Python, a list comprehension"
+    ids = ours.encode(text)
+    assert ids == tok(text, add_special_tokens=False)["input_ids"]
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        diff = (ours.model(x) - model(x).logits).abs().max().item()
+    assert diff < LOGIT_TOLERANCE, f"max |Δlogit| = {diff}"
+
+
+def test_greedy_chat_reply_matches_transformers(ours, reference):
+    model, tok = reference
+    messages = [{"role": "user", "content": QUESTION}]
+    prompt = ours.chat_prompt(messages)
+    assert prompt == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False,
+                         eos_token_id=sorted(ours.tokenizer.stop_token_ids), pad_token_id=2)
+    expected = tok.decode(out[0, len(prompt):], skip_special_tokens=True).strip()
+    result = ours.complete_ids([prompt], max_new_tokens=40)[0]
+    assert result.text.strip() == expected
+    assert "Paris" in result.text and result.finish_reason == "stop"
+
+
+def test_cli_chat_and_generate_print_just_the_text(default_gguf):
+    chat = subprocess.run([sys.executable, "-m", "phi3.cli", "chat", "--model", str(default_gguf), QUESTION],
+                          capture_output=True, text=True, timeout=300)
+    assert chat.returncode == 0, chat.stderr
+    assert "Paris" in chat.stdout and "<|im_end|>" not in chat.stdout
+    gen = subprocess.run([sys.executable, "-m", "phi3.cli", "generate", "The capital of France is", "--model",
+                          str(default_gguf), "--max-new-tokens", "8", "--temperature", "0"],
+                         capture_output=True, text=True, timeout=300)
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout.startswith(" ") and len(gen.stdout.strip()) > 0  # a continuation of the prompt
+
+
+def test_interactive_chat_keeps_history(default_gguf, ours):
+    """Lines on stdin are turns of one conversation: the second reply is generated from the whole history."""
+    first, second = "My name is Ada.", "What is my name?"
+    run = subprocess.run([sys.executable, "-m", "phi3.cli", "chat", "--model", str(default_gguf), "-n", "30"],
+                         input=f"{first}\n{second}\n", capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    reply1 = ours.chat([{"role": "user", "content": first}], max_new_tokens=30)
+    reply2 = ours.chat([{"role": "user", "content": first}, {"role": "assistant", "content": reply1},
+                        {"role": "user", "content": second}], max_new_tokens=30)
+    assert reply2 != ours.chat(second, max_new_tokens=30)  # the history changes the answer
+    assert run.stdout == f"{reply1}\n{reply2}\n"
+
+
+def test_convert_gguf_to_hf_loads_in_transformers(default_gguf, ours, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "phi3.cli", "convert", str(default_gguf), str(tmp_path / "hf")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = ours.encode("Hello world, this is a test.")
+    assert tok("Hello world, this is a test.", add_special_tokens=False)["input_ids"] == ids
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert torch.equal(theirs(x).logits, ours.model(x))
+        assert torch.equal(load_hf_checkpoint(tmp_path / "hf")(x), ours.model(x))
+    info = subprocess.run([sys.executable, "-m", "phi3.cli", "info", str(default_gguf)], capture_output=True, text=True)
+    assert "LlamaForCausalLM" in info.stdout and "0.135 B" in info.stdout
