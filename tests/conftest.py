@@ -24,6 +24,17 @@ def default_gguf() -> Path:
     return default_model_path()
 
 
+@pytest.fixture(scope="session")
+def hf_smollm2(default_gguf):
+    """(model, tokenizer) as transformers loads the default GGUF: the independent reference."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        default_gguf.parent, gguf_file=default_gguf.name, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(default_gguf.parent, gguf_file=default_gguf.name)
+    return model, tok
+
+
 def _pick(values: list[float], n: int) -> list[float]:
     """n evenly spaced entries of a factor list, keeping the first and the last."""
     if n == 1:

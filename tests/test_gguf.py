@@ -493,19 +493,12 @@ def ours(real_gguf):
 
 
 @pytest.fixture(scope="module")
-def hf_reference(real_gguf):
+def hf_reference(real_gguf, hf_smollm2):
     """(config, names of the HF model's state dict, tensors) as transformers loads the same GGUF."""
     import transformers
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")  # a local file: never ask the Hub
-        return _load_with_transformers(transformers, real_gguf)
 
-
-def _load_with_transformers(transformers, real_gguf: Path):
+    model, _ = hf_smollm2
     cfg = transformers.AutoConfig.from_pretrained(real_gguf.parent, gguf_file=real_gguf.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        real_gguf.parent, gguf_file=real_gguf.name, dtype=torch.float32
-    )
     sd = model.state_dict()
     return cfg, set(sd), sd
 

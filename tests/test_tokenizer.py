@@ -4,7 +4,6 @@ stop tokens, streaming and error messages."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 

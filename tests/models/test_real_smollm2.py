@@ -21,11 +21,8 @@ def ours(default_gguf):
 
 
 @pytest.fixture(scope="module")
-def reference(default_gguf):
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        default_gguf.parent, gguf_file=default_gguf.name, dtype=torch.float32).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(default_gguf.parent, gguf_file=default_gguf.name)
-    return model, tok
+def reference(hf_smollm2):
+    return hf_smollm2
 
 
 def test_logits_match_transformers_on_the_same_gguf(ours, reference):
