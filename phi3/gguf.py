@@ -78,11 +78,11 @@ class GGUFFile:
     architecture: str  # metadata["general.architecture"]
 
 
-def read_gguf(path: str | Path) -> GGUFFile:
-    """Parse a GGUF file. The file is memory-mapped; tensor data is not read here.
+def parse_gguf(path: str | Path) -> GGUFFile:
+    """Parse a GGUF container of any architecture (metadata + tensor views); memory-mapped.
 
     Raises CheckpointError for a missing file, a file that is not GGUF, a truncated or corrupt
-    file, a big-endian or version-1 file and an architecture other than phi3/llama.
+    file, or a big-endian or version-1 file.
     """
     path = Path(path)
     _check_magic(path)
@@ -96,7 +96,13 @@ def read_gguf(path: str | Path) -> GGUFFile:
         raise CheckpointError(f"{path}: truncated or corrupt GGUF ({e})") from e
     except (struct.error, ValueError, OverflowError, MemoryError) as e:  # a length field gone wild
         raise CheckpointError(f"{path}: truncated or corrupt GGUF ({type(e).__name__}: {e})") from e
+    return GGUFFile(path=path, metadata=metadata, tensors=tensors, architecture=metadata.get("general.architecture"))
 
+
+def read_gguf(path: str | Path) -> GGUFFile:
+    """Parse a GGUF model checkpoint; also rejects an architecture other than phi3/llama."""
+    f = parse_gguf(path)
+    path, metadata = f.path, f.metadata
     arch = metadata.get("general.architecture")
     if arch is None:
         raise CheckpointError(f"{path}: GGUF has no 'general.architecture' metadata")
@@ -104,7 +110,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
         raise CheckpointError(
             f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
-    return GGUFFile(path=path, metadata=metadata, tensors=tensors, architecture=arch)
+    return f
 
 
 def _check_magic(path: Path) -> None:

@@ -16,9 +16,7 @@ ships, and the policy around it:
 from __future__ import annotations
 
 import json
-import mmap
 import os
-import struct
 import tempfile
 from collections.abc import Iterable, Mapping
 from datetime import datetime
@@ -26,13 +24,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
 from .errors import CheckpointError, Phi3Error
 
-__all__ = ["Tokenizer", "StreamDecoder", "read_gguf_metadata", "builtin_chat_template"]
+__all__ = ["Tokenizer", "StreamDecoder", "builtin_chat_template"]
 
 TEMPLATE_DIR = Path(__file__).with_name("templates")
 DEFAULT_TEMPLATE = "phi3_5"  # used when a checkpoint ships no chat template (spec §5.1 variant 3)
@@ -79,84 +76,6 @@ _BYTE_LEVEL_PRES: dict[str, tuple[str | None, bool, bool]] = {
 # ---------------------------------------------------------------------------------------------
 # GGUF metadata
 # ---------------------------------------------------------------------------------------------
-
-
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-class _GGUFCursor:
-    """Sequential reader over a GGUF header (little- or big-endian, versions 2 and 3)."""
-
-    def __init__(self, buffer: Any, path: Path) -> None:
-        self.buffer, self.path, self.pos, self.order = buffer, path, 0, "<"
-
-    def unpack(self, fmt: str) -> Any:
-        value = struct.unpack_from(self.order + fmt, self.buffer, self.pos)[0]
-        self.pos += struct.calcsize(fmt)
-        return value
-
-    def string(self) -> str:
-        length = self.unpack("Q")
-        raw = self.buffer[self.pos:self.pos + length]
-        if len(raw) != length:
-            raise CheckpointError(f"{self.path}: GGUF metadata is truncated at byte {self.pos}")
-        self.pos += length
-        return bytes(raw).decode("utf-8", errors="replace")
-
-    def value(self, kind: int) -> Any:
-        if kind == _GGUF_STRING:
-            return self.string()
-        if kind == _GGUF_ARRAY:
-            item_kind, count = self.unpack("I"), self.unpack("Q")
-            if item_kind in _GGUF_SCALARS:  # numeric arrays in one go
-                dtype = np.dtype(self.order + _GGUF_SCALARS[item_kind].replace("?", "b1"))
-                size = dtype.itemsize * count
-                raw = self.buffer[self.pos:self.pos + size]  # a copy: nothing keeps the mmap exported
-                if len(raw) != size:
-                    raise CheckpointError(f"{self.path}: GGUF metadata is truncated at byte {self.pos}")
-                self.pos += size
-                return np.frombuffer(raw, dtype=dtype).tolist()
-            return [self.value(item_kind) for _ in range(count)]
-        if kind not in _GGUF_SCALARS:
-            raise CheckpointError(f"{self.path}: unknown GGUF value type {kind} at byte {self.pos}")
-        return self.unpack(_GGUF_SCALARS[kind])
-
-
-def read_gguf_metadata(path: str | os.PathLike, prefixes: tuple[str, ...] = ("tokenizer.", "general.")) -> dict:
-    """The GGUF file's metadata keys starting with one of `prefixes`, decoded to python values.
-
-    Only the key/value header is parsed (a direct reader: `gguf.GGUFReader` also indexes every
-    array element and every tensor, which takes seconds on a 50k-token vocabulary).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"GGUF file not found: {path}")
-    try:
-        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
-            return _parse_gguf_header(_GGUFCursor(buffer, path), prefixes)
-    except (struct.error, ValueError, OSError) as exc:
-        raise CheckpointError(f"cannot read GGUF metadata from {path}: {exc}") from exc
-
-
-def _parse_gguf_header(cursor: _GGUFCursor, prefixes: tuple[str, ...]) -> dict:
-    if bytes(cursor.buffer[:4]) != b"GGUF":
-        raise CheckpointError(f"{cursor.path} is not a GGUF file (bad magic {bytes(cursor.buffer[:4])!r})")
-    cursor.pos = 4
-    version = cursor.unpack("I")
-    if version & 0xFFFF == 0:  # written big-endian
-        cursor.order = ">"
-        version = struct.unpack(">I", struct.pack("<I", version))[0]
-    if version not in (2, 3):
-        raise CheckpointError(f"{cursor.path}: unsupported GGUF version {version} (need 2 or 3)")
-    cursor.unpack("Q")  # tensor count
-    metadata = {}
-    for _ in range(cursor.unpack("Q")):
-        key = cursor.string()
-        value = cursor.value(cursor.unpack("I"))
-        if key.startswith(prefixes):
-            metadata[key] = value
-    return metadata
 
 
 def _gguf_list(metadata: Mapping[str, Any], key: str, source: str, length: int | None = None) -> list:
@@ -642,7 +561,9 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
         """The tokenizer embedded in a GGUF file."""
-        return cls.from_gguf_metadata(read_gguf_metadata(path), source=str(path))
+        from .gguf import parse_gguf
+
+        return cls.from_gguf_metadata(parse_gguf(path).metadata, source=str(path))
 
     # -- basic API ---------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType as QT
 
 import phi3.gguf as pg
 from phi3.errors import CheckpointError
-from phi3.gguf import GGUFTensor, dequantize, gguf_state_dict, gguf_to_hf_config, read_gguf
+from phi3.gguf import GGUFTensor, dequantize, gguf_state_dict, gguf_to_hf_config, parse_gguf, read_gguf
 
 
 
@@ -560,3 +560,62 @@ def test_real_dequantize_speed(real_gguf):
         times.append(time.perf_counter() - start)
         del sd
     assert min(times) < 2.0, times
+
+
+# ---------------------------------------------------------------------------------------------
+# A phi3-architecture GGUF through phi3.load, against transformers with the same weights
+# ---------------------------------------------------------------------------------------------
+def test_phi3_gguf_loads_end_to_end_with_longrope(tmp_path):
+    """Weights, LongRoPE factors (as GGUF tensors), attn_factor and the Phi-3 vocabulary from one GGUF
+    file give the logits of transformers' Phi3ForCausalLM on both sides of the factor switch."""
+    import transformers
+
+    import phi3
+    from phi3.tokenizer import Tokenizer
+
+    from .conftest import SHARED, scaled_down
+
+    hf_cfg = scaled_down("phi-3.5-mini-instruct", vocab=32064, original=32)
+    ref = transformers.Phi3ForCausalLM(transformers.Phi3Config(**hf_cfg)).eval()
+    sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+    names = {"input_layernorm": "attn_norm", "self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output",
+             "post_attention_layernorm": "ffn_norm", "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    tensors = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"],
+               "output.weight": sd["lm_head.weight"],
+               "rope_factors_long.weight": np.array(hf_cfg["rope_scaling"]["long_factor"], np.float32),
+               "rope_factors_short.weight": np.array(hf_cfg["rope_scaling"]["short_factor"], np.float32)}
+    for i in range(hf_cfg["num_hidden_layers"]):
+        for hf_name, gg_name in names.items():
+            tensors[f"blk.{i}.{gg_name}.weight"] = sd[f"model.layers.{i}.{hf_name}.weight"]
+    vocab = parse_gguf(SHARED / "tokenizer" / "ggml-vocab-phi-3.gguf").metadata
+    heads = hf_cfg["num_attention_heads"]
+
+    def kv(w):
+        w.add_block_count(hf_cfg["num_hidden_layers"])
+        w.add_context_length(hf_cfg["max_position_embeddings"])
+        w.add_rope_scaling_orig_ctx_len(hf_cfg["original_max_position_embeddings"])
+        w.add_embedding_length(hf_cfg["hidden_size"])
+        w.add_feed_forward_length(hf_cfg["intermediate_size"])
+        w.add_head_count(heads)
+        w.add_head_count_kv(hf_cfg["num_key_value_heads"])
+        w.add_layer_norm_rms_eps(hf_cfg["rms_norm_eps"])
+        w.add_rope_dimension_count(hf_cfg["hidden_size"] // heads)
+        w.add_rope_freq_base(hf_cfg["rope_theta"])
+        w.add_sliding_window(hf_cfg["sliding_window"])
+        w.add_tokenizer_model("llama")
+        w.add_token_list(vocab["tokenizer.ggml.tokens"])
+        w.add_token_scores(vocab["tokenizer.ggml.scores"])
+        w.add_token_types(vocab["tokenizer.ggml.token_type"])
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(32000)
+        w.add_chat_template(vocab["tokenizer.chat_template"])
+
+    path = _write_gguf(tmp_path / "phi35-tiny.gguf", "phi3", tensors, kv)
+    lm = phi3.load(path)
+    assert lm.config.is_longrope and lm.tokenizer.stop_token_ids == {32000, 32001, 32007}
+    assert lm.chat_prompt("Hi")[-1] == 32001
+    for t in (20, 33, 70):  # below, just past and well past L0 = 32
+        ids = torch.randint(0, 32064, (1, t))
+        with torch.no_grad():
+            diff = (lm.model(ids) - ref(ids).logits).abs().max().item()
+        assert diff < 1e-4, f"T={t}: {diff}"

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from phi3.errors import CheckpointError, Phi3Error
-from phi3.tokenizer import Tokenizer, builtin_chat_template, read_gguf_metadata
+from phi3.gguf import parse_gguf
+from phi3.tokenizer import Tokenizer, builtin_chat_template
 
 from .conftest import SHARED
 
@@ -42,7 +43,7 @@ def case_params(name: str) -> list:
 
 @pytest.fixture(scope="module")
 def phi3_metadata() -> dict:
-    return read_gguf_metadata(VOCABS / "ggml-vocab-phi-3.gguf")
+    return parse_gguf(VOCABS / "ggml-vocab-phi-3.gguf").metadata
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,7 @@ def test_vector_files_have_46_cases():
 def test_metadata_reader_matches_gguf_reader():
     import gguf
     path = VOCABS / "ggml-vocab-phi-3.gguf"
-    ours = read_gguf_metadata(path, prefixes=("",))
+    ours = parse_gguf(path).metadata
     reference = {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items() if not k.startswith("GGUF.")}
     assert ours == reference
 
@@ -108,7 +109,7 @@ def test_builds_fast(phi3_metadata, smol_gguf):
     start = time.perf_counter()
     Tokenizer.from_gguf_metadata(phi3_metadata)
     assert time.perf_counter() - start < 2.0
-    metadata = read_gguf_metadata(smol_gguf)
+    metadata = parse_gguf(smol_gguf).metadata
     start = time.perf_counter()
     Tokenizer.from_gguf_metadata(metadata)
     assert time.perf_counter() - start < 2.0
