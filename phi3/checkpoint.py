@@ -7,18 +7,18 @@ load time and split back on export, so one model class serves both.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .atomic import atomic_write, atomic_write_bytes
 from .config import ModelConfig, read_config_file
 from .errors import CheckpointError
 from .layers import RotaryEmbedding
 from .models.phi3 import Phi3ForCausalLM
+from .quant import load_quantized_modules, quantized_state_dict
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -71,12 +71,17 @@ def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: to
     """Assign `state_dict` (HF names, either layout) to a model built without allocating weights."""
     sd = fuse_llama_layout(state_dict, cfg) if cfg.layout == "llama" else dict(state_dict)
     sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
-    if cfg.tie_word_embeddings:
+    qcfg = cfg.raw.get("quantization")
+    quantized_head = bool(qcfg) and "lm_head" in qcfg.get("modules", [])
+    tied = cfg.tie_word_embeddings and not quantized_head
+    if tied:
         sd.pop("lm_head.weight", None)
     with torch.device("meta"):
         model = Phi3ForCausalLM(cfg)
+    if qcfg:  # quantized linears are built from their stored tensors, one at a time
+        load_quantized_modules(model, qcfg, sd, source)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    if cfg.tie_word_embeddings:
+    if tied:
         expected.pop("lm_head.weight")
     missing = sorted(set(expected) - set(sd))
     if missing:
@@ -91,7 +96,7 @@ def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: to
                                   f"expected {list(shape)} from config.json")
     sd = {k: v.to(dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
+    if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rotary = RotaryEmbedding(cfg)  # buffers were on the meta device
     return model.eval()
@@ -152,39 +157,24 @@ def default_dtype(cfg: ModelConfig, dtype: str | torch.dtype | None) -> torch.dt
 
 
 # ---- writing ----------------------------------------------------------------------------------
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
 def export_state_dict(model: Phi3ForCausalLM) -> dict[str, torch.Tensor]:
+    """HF tensor names. A quantized model keeps the fused Phi-3 names whatever its layout
+    (its quantized tensors are read by phi3, not by transformers)."""
     cfg = model.config
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
+    quantized = quantized_state_dict(model)
+    if quantized:
+        return {**sd, **quantized}
     return split_to_llama_layout(sd, cfg) if cfg.layout == "llama" else sd
 
 
@@ -196,8 +186,9 @@ def save_hf_checkpoint(model: Phi3ForCausalLM, path: str | Path, tokenizer=None,
     cfg = model.config
     sd = export_state_dict(model)
     if dtype is not None:
-        sd = {k: v.to(parse_dtype(dtype)) for k, v in sd.items()}
-    out_dtype = next(iter(sd.values())).dtype
+        sd = {k: v.to(parse_dtype(dtype)) if v.is_floating_point() and not _is_quant_tensor(k) else v
+              for k, v in sd.items()}
+    out_dtype = model.model.embed_tokens.weight.dtype if dtype is None else parse_dtype(dtype)
     shards = _shard(sd, max_shard_bytes)
     if len(shards) == 1:
         _atomic_save_safetensors(shards[0], path / "model.safetensors")
@@ -221,6 +212,10 @@ def save_hf_checkpoint(model: Phi3ForCausalLM, path: str | Path, tokenizer=None,
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
+
+
+def _is_quant_tensor(name: str) -> bool:
+    return name.endswith((".qweight", ".scales", ".zeros"))
 
 
 def _shard(sd: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:

@@ -98,6 +98,22 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from .api import load
+    from .checkpoint import save_hf_checkpoint
+    from .quant import quantize_model
+
+    dst = Path(args.dst)
+    if dst.exists() and not dst.is_dir():
+        raise Phi3Error(f"{dst}: exists and is not a directory")
+    lm = load(args.src, "float32")
+    quantize_model(lm.model, bits=args.bits, group_size=args.group_size, include_head=not args.no_head)
+    save_hf_checkpoint(lm.model, dst, tokenizer=lm.tokenizer, dtype=args.dtype)
+    size = sum(f.stat().st_size for f in dst.glob("*.safetensors"))
+    print(f"wrote int{args.bits} checkpoint {dst} ({size / 1e6:.1f} MB)")
+    return 0
+
+
 def cmd_info(args) -> int:
     from .info import describe
     print(describe(args.model))
@@ -132,6 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst")
     p.add_argument("--dtype", default="auto", help="weights dtype of the output (auto keeps the loaded dtype)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("quantize", help="weight-only int8 / int4 quantization of SRC into an HF-layout directory DST")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    p.add_argument("--group-size", type=int, default=64, help="int4 group size: 32, 64, 128 or 256")
+    p.add_argument("--no-head", action="store_true", help="keep the output head in full precision")
+    p.add_argument("--dtype", default="bfloat16", help="dtype of the tensors left unquantized (embeddings, norms)")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("info", help="architecture, parameters and bytes of a model")
     p.add_argument("model", nargs="?", default=None)

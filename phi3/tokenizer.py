@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from functools import lru_cache
@@ -27,6 +26,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
+from .atomic import atomic_write_text
 from .errors import CheckpointError, Phi3Error
 
 __all__ = ["Tokenizer", "StreamDecoder", "builtin_chat_template"]
@@ -446,20 +446,6 @@ def render_chat_template(template: str, messages: list[dict], *, add_generation_
 # ---------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temporary file in the same directory and os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class Tokenizer:
     """A checkpoint's tokenizer: encode/decode, special tokens, stop ids and chat template."""
 
@@ -654,9 +640,9 @@ class Tokenizer:
             "clean_up_tokenization_spaces": False,
             "chat_template": self.effective_chat_template,
         }
-        _atomic_write(path / "tokenizer.json", self._backend.to_str(pretty=True))
-        _atomic_write(path / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        _atomic_write(path / "special_tokens_map.json", json.dumps(specials, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(path / "tokenizer.json", self._backend.to_str(pretty=True))
+        atomic_write_text(path / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(path / "special_tokens_map.json", json.dumps(specials, indent=2, ensure_ascii=False) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -571,7 +571,6 @@ def test_phi3_gguf_loads_end_to_end_with_longrope(tmp_path):
     import transformers
 
     import phi3
-    from phi3.tokenizer import Tokenizer
 
     from .conftest import SHARED, scaled_down
 

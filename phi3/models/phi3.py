@@ -85,7 +85,7 @@ class Cache(nn.Module):
     def __init__(self, model: Phi3ForCausalLM, batch: int, max_len: int, dtype=None, device=None):
         super().__init__()
         cfg = model.config
-        dtype = dtype or model.lm_head.weight.dtype
+        dtype = dtype or model.model.embed_tokens.weight.dtype
         self.max_len = max_len
         self.layers = nn.ModuleList(
             KVCache(batch, cfg.num_key_value_heads, max_len, cfg.head_dim, dtype, device)
