@@ -72,14 +72,15 @@ def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: to
     sd = fuse_llama_layout(state_dict, cfg) if cfg.layout == "llama" else dict(state_dict)
     sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
     qcfg = cfg.raw.get("quantization")
-    quantized_head = bool(qcfg) and "lm_head" in qcfg.get("modules", [])
-    tied = cfg.tie_word_embeddings and not quantized_head
+    # a quantized head or embedding table unties the two (each is stored on its own)
+    quantized = qcfg.get("modules") or {} if qcfg else {}
+    tied = cfg.tie_word_embeddings and "lm_head" not in quantized and "model.embed_tokens" not in quantized
     if tied:
         sd.pop("lm_head.weight", None)
     with torch.device("meta"):
         model = Phi3ForCausalLM(cfg)
     if qcfg:  # quantized linears are built from their stored tensors, one at a time
-        load_quantized_modules(model, qcfg, sd, source)
+        load_quantized_modules(model, qcfg, sd, source, dtype)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if tied:
         expected.pop("lm_head.weight")
@@ -170,7 +171,7 @@ def export_state_dict(model: Phi3ForCausalLM) -> dict[str, torch.Tensor]:
     (its quantized tensors are read by phi3, not by transformers)."""
     cfg = model.config
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and isinstance(model.model.embed_tokens, torch.nn.Embedding):
         sd.pop("lm_head.weight", None)
     quantized = quantized_state_dict(model)
     if quantized:
@@ -188,7 +189,7 @@ def save_hf_checkpoint(model: Phi3ForCausalLM, path: str | Path, tokenizer=None,
     if dtype is not None:
         sd = {k: v.to(parse_dtype(dtype)) if v.is_floating_point() and not _is_quant_tensor(k) else v
               for k, v in sd.items()}
-    out_dtype = model.model.embed_tokens.weight.dtype if dtype is None else parse_dtype(dtype)
+    out_dtype = model.dtype if dtype is None else parse_dtype(dtype)
     shards = _shard(sd, max_shard_bytes)
     if len(shards) == 1:
         _atomic_save_safetensors(shards[0], path / "model.safetensors")
@@ -215,7 +216,7 @@ def save_hf_checkpoint(model: Phi3ForCausalLM, path: str | Path, tokenizer=None,
 
 
 def _is_quant_tensor(name: str) -> bool:
-    return name.endswith((".qweight", ".scales", ".zeros"))
+    return name.endswith((".qweight", ".scales", ".mins"))
 
 
 def _shard(sd: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:

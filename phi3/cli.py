@@ -107,7 +107,10 @@ def cmd_quantize(args) -> int:
     if dst.exists() and not dst.is_dir():
         raise Phi3Error(f"{dst}: exists and is not a directory")
     lm = load(args.src, "float32")
-    quantize_model(lm.model, bits=args.bits, group_size=args.group_size, include_head=not args.no_head)
+    head_bits = None if args.head_bits == "none" else int(args.head_bits)
+    embedding_bits = None if args.embedding_bits == "none" else int(args.embedding_bits)
+    quantize_model(lm.model, bits=args.bits, group_size=args.group_size, head_bits=head_bits,
+                   embedding_bits=embedding_bits)
     save_hf_checkpoint(lm.model, dst, tokenizer=lm.tokenizer, dtype=args.dtype)
     size = sum(f.stat().st_size for f in dst.glob("*.safetensors"))
     print(f"wrote int{args.bits} checkpoint {dst} ({size / 1e6:.1f} MB)")
@@ -154,7 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst")
     p.add_argument("--bits", type=int, default=4, choices=[4, 8])
     p.add_argument("--group-size", type=int, default=64, help="int4 group size: 32, 64, 128 or 256")
-    p.add_argument("--no-head", action="store_true", help="keep the output head in full precision")
+    p.add_argument("--head-bits", default="8", choices=["4", "8", "none"],
+                   help="bits of the output head (default 8: the head is the layer most hurt by 4 bits)")
+    p.add_argument("--embedding-bits", default="none", choices=["8", "none"],
+                   help="store the embedding table in int8 (default: keep it in --dtype)")
     p.add_argument("--dtype", default="bfloat16", help="dtype of the tensors left unquantized (embeddings, norms)")
     p.set_defaults(func=cmd_quantize)
 

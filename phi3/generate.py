@@ -121,7 +121,7 @@ def generate_tokens(model, prompts: list[list[int]], params: SamplingParams,
         if bad:
             raise Phi3Error(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
     max_new = _check_context(model, prompts, params.max_new_tokens)
-    device = model.model.embed_tokens.weight.device
+    device = model.device
     batch, longest = len(prompts), max(len(p) for p in prompts)
     total = longest + max_new
     ids = torch.full((batch, total), pad_id, dtype=torch.long, device=device)

@@ -49,6 +49,15 @@ class Phi3ForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Activation dtype (the norms' weights; embeddings and linears may be quantized)."""
+        return self.model.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -85,7 +94,7 @@ class Cache(nn.Module):
     def __init__(self, model: Phi3ForCausalLM, batch: int, max_len: int, dtype=None, device=None):
         super().__init__()
         cfg = model.config
-        dtype = dtype or model.model.embed_tokens.weight.dtype
+        dtype = dtype or model.dtype
         self.max_len = max_len
         self.layers = nn.ModuleList(
             KVCache(batch, cfg.num_key_value_heads, max_len, cfg.head_dim, dtype, device)
