@@ -73,13 +73,21 @@ def is_gguf_file(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def load_gguf_model(path: Path, dtype=None) -> tuple[Phi3ForCausalLM, Tokenizer]:
-    from .gguf import gguf_state_dict, gguf_to_hf_config, read_gguf
+def load_gguf_model(path: Path, dtype=None, dequantize: bool = False) -> tuple[Phi3ForCausalLM, Tokenizer]:
+    """A GGUF model. Quantized linear weights stay quantized (see `phi3.gguf`) unless `dequantize`."""
+    from .gguf import gguf_quantized_state_dict, gguf_state_dict, gguf_to_hf_config, read_gguf
 
     f = read_gguf(path)
-    cfg = ModelConfig.from_hf_dict(gguf_to_hf_config(f), source=str(path))
-    dt = default_dtype(cfg, dtype)
-    model = build_model(cfg, gguf_state_dict(f, dtype=torch.float32), dt, source=str(path))
+    hf = gguf_to_hf_config(f)
+    dt = default_dtype(ModelConfig.from_hf_dict(hf, source=str(path)), dtype)
+    if dequantize:
+        sd = gguf_state_dict(f, dtype=torch.float32)
+    else:
+        sd, section = gguf_quantized_state_dict(f, dtype=torch.float32)
+        if section["modules"]:
+            hf["quantization"] = section
+    cfg = ModelConfig.from_hf_dict(hf, source=str(path))
+    model = build_model(cfg, sd, dt, source=str(path))
     return model, Tokenizer.from_gguf_metadata(f.metadata, source=str(path))
 
 
@@ -109,14 +117,18 @@ def download_from_hub(repo_id: str) -> Path:
                         f"Download it elsewhere and pass the local directory with --model.") from None
 
 
-def load(model: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None) -> LanguageModel:
-    """Load a model and its tokenizer: HF directory, GGUF file, Hub id, or the default model (None)."""
+def load(model: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
+         dequantize: bool = False) -> LanguageModel:
+    """Load a model and its tokenizer: HF directory, GGUF file, Hub id, or the default model (None).
+
+    A quantized GGUF keeps its quantized linears (int4/int8 kernels) unless `dequantize=True`,
+    which gives the full-precision model that `transformers` would build from the same file."""
     path = resolve(model)
     if path.is_dir():
         return LanguageModel(load_hf_checkpoint(path, dtype), Tokenizer.from_dir(path), str(path))
     if not is_gguf_file(path):
         raise CheckpointError(f"{path}: not a GGUF file (bad magic) and not an HF model directory")
-    net, tok = load_gguf_model(path, dtype)
+    net, tok = load_gguf_model(path, dtype, dequantize)
     return LanguageModel(net, tok, str(path))
 
 

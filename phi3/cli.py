@@ -13,6 +13,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="HF model directory, .gguf file or Hugging Face Hub id (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (auto: fp32 below 2B parameters)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="load a quantized GGUF in full precision (default: keep its int4/int8 weights)")
 
 
 def _add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -34,7 +36,7 @@ def _sampling(args) -> dict:
 
 def _load(args):
     from .api import load
-    return load(args.model, None if args.dtype == "auto" else args.dtype)
+    return load(args.model, None if args.dtype == "auto" else args.dtype, dequantize=args.dequantize)
 
 
 def _print_stream(chunks) -> str:
@@ -88,10 +90,16 @@ def cmd_convert(args) -> int:
 
     dst = Path(args.dst)
     if dst.suffix == ".gguf":
-        raise Phi3Error(f"{dst}: GGUF export is not available yet; give a directory for an HF checkpoint")
+        from .gguf_export import write_gguf
+        if dst.is_dir():
+            raise Phi3Error(f"{dst}: is a directory, expected a .gguf file path")
+        lm = load(args.src, "float32", dequantize=True)
+        write_gguf(lm.model, lm.tokenizer, dst, args.type, name=Path(args.src).stem, progress=True)
+        print(f"wrote GGUF {dst} ({args.type}, {dst.stat().st_size / 1e6:.1f} MB)")
+        return 0
     if dst.exists() and not dst.is_dir():
         raise Phi3Error(f"{dst}: exists and is not a directory")
-    lm = load(args.src, None if args.dtype == "auto" else args.dtype)
+    lm = load(args.src, None if args.dtype == "auto" else args.dtype, dequantize=True)
     save_hf_checkpoint(lm.model, dst, tokenizer=lm.tokenizer,
                        dtype=None if args.dtype == "auto" else args.dtype)
     print(f"wrote HF checkpoint {dst} ({lm.config.layout} layout, {lm.config.num_parameters() / 1e6:.1f}M parameters)")
@@ -146,9 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("convert", help="convert SRC (GGUF or HF directory) to an HF directory DST")
+    p = sub.add_parser("convert", help="convert SRC (GGUF or HF directory) to an HF directory DST, "
+                                       "or to a GGUF file when DST ends in .gguf")
     p.add_argument("src")
     p.add_argument("dst")
+    p.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0", "q4_0"],
+                   help="tensor type of a GGUF output (q4_0 keeps the embedding and head at q8_0)")
     p.add_argument("--dtype", default="auto", help="weights dtype of the output (auto keeps the loaded dtype)")
     p.set_defaults(func=cmd_convert)
 

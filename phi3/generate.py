@@ -105,6 +105,21 @@ def _check_context(model, prompts: list[list[int]], max_new_tokens: int) -> int:
     return min(max_new_tokens, context - longest)
 
 
+PREFILL_CHUNK = 512  # tokens per prefill call: bounds activation memory (T×T scores, MLP) on long prompts
+
+
+def prefill(model, ids: torch.Tensor, pos: torch.Tensor, cache, seq_len: int,
+            chunk: int | None = None) -> torch.Tensor:
+    """Run the prompt ids/pos [B, T] through the model into `cache`, `chunk` tokens at a time;
+    return the last position's logits [B, vocab]. Every chunk uses the whole prompt's `seq_len`,
+    so the LongRoPE factor choice is the same as for one call."""
+    chunk = chunk or PREFILL_CHUNK
+    for start in range(0, ids.shape[1], chunk):
+        logits = model(ids[:, start:start + chunk], pos[:, start:start + chunk], cache, seq_len=seq_len,
+                       last_only=True)
+    return logits[:, -1]
+
+
 @torch.inference_mode()
 def generate_tokens(model, prompts: list[list[int]], params: SamplingParams,
                     stop_token_ids: frozenset[int] = frozenset(), pad_id: int = 0) -> Iterator[list[int | None]]:
@@ -138,7 +153,7 @@ def generate_tokens(model, prompts: list[list[int]], params: SamplingParams,
 
     cache = Cache(model, batch, total, device=device)
     rotary = model.rotary
-    logits = model(ids[:, :longest], pos[:, :longest], cache, seq_len=longest, last_only=True)[:, -1]
+    logits = prefill(model, ids[:, :longest], pos[:, :longest], cache, seq_len=longest)
     cache_long = rotary.uses_long_factors(longest)
     done = [False] * batch
     length = longest
@@ -163,7 +178,7 @@ def generate_tokens(model, prompts: list[list[int]], params: SamplingParams,
         if not cache_long and rotary.uses_long_factors(length):
             # The sequence now passes L0: recompute everything under the long factors.
             cache.reset()
-            logits = model(ids[:, :length], pos[:, :length], cache, seq_len=length, last_only=True)[:, -1]
+            logits = prefill(model, ids[:, :length], pos[:, :length], cache, seq_len=length)
             cache_long = True
         else:
             logits = model(ids[:, length - 1:length], pos[:, length - 1:length], cache, seq_len=length)[:, -1]

@@ -605,6 +605,137 @@ def gguf_state_dict(f: GGUFFile, dtype: torch.dtype = torch.float32) -> dict[str
     return sd
 
 
+# ---------------------------------------------------------------------------------------------
+# Quantized weights kept quantized
+# ---------------------------------------------------------------------------------------------
+# Linear weights load into phi3.quant modules: Q4_0/Q4_1 as int4 and Q8_0 as grouped int8, both
+# bit-exact (groups of 32, fp16 scales); Q4_K/Q5_K are requantized to int4 g32 and Q6_K to int8
+# per channel. Embeddings, norms and F32/F16/BF16 linears stay dense.
+NATIVE_INT4 = ("Q4_0", "Q4_1")
+REQUANT_INT4 = ("Q4_K", "Q5_K")
+REQUANT_INT8 = ("Q6_K",)
+GROUP = 32
+
+
+def _block_fields(t: GGUFTensor) -> tuple[torch.Tensor, int, int]:
+    """Raw blocks of a 2-D tensor: ([rows, n_blocks, type_size] uint8, rows, cols)."""
+    rows, cols = t.shape
+    block, size = BLOCK_LAYOUT[t.qtype]
+    return _as_bytes(t.raw).view(rows, cols // block, size), rows, cols
+
+
+def native_int4(t: GGUFTensor) -> dict[str, torch.Tensor]:
+    """Q4_0 / Q4_1 -> phi3.quant int4 parts (w = q·s + m) with no change of value."""
+    from .quant import pack_nibbles
+
+    blocks, rows, cols = _block_fields(t)
+    d = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0]  # [rows, groups]
+    if t.qtype == "Q4_0":
+        m, qs = -8 * d, blocks[..., 2:]  # w = d·(q − 8)
+    else:
+        m, qs = blocks[..., 2:4].contiguous().view(torch.float16)[..., 0], blocks[..., 4:]
+    q = torch.cat((qs & 0x0F, qs >> 4), dim=-1).reshape(rows, cols)  # ggml: low nibbles w0..15, high w16..31
+    return {"qweight": pack_nibbles(q), "scales": d.clone(), "mins": m.clone()}
+
+
+def native_int8(t: GGUFTensor) -> dict[str, torch.Tensor]:
+    """Q8_0 -> phi3.quant grouped int8 parts (w = q·d per group of 32) with no change of value."""
+    blocks, rows, cols = _block_fields(t)
+    d = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0]  # [rows, groups]
+    q = blocks[..., 2:].contiguous().view(torch.int8).reshape(rows, cols)
+    return {"qweight": q, "scales": d.clone()}
+
+
+def quantized_linear_parts(t: GGUFTensor) -> tuple[int, dict[str, torch.Tensor]] | None:
+    """(bits, stored parts) for a quantized linear weight, None for one that stays dense."""
+    from .quant import Int4Linear, Int8Linear
+
+    if len(t.shape) != 2:
+        return None
+    if t.qtype in NATIVE_INT4:
+        return 4, native_int4(t)
+    if t.qtype == "Q8_0":
+        return 8, native_int8(t)
+    if t.qtype in REQUANT_INT4:
+        return 4, Int4Linear.quantize(dequantize(t), GROUP).stored()
+    if t.qtype in REQUANT_INT8:
+        return 8, Int8Linear.quantize(dequantize(t)).stored()
+    return None
+
+
+def _map_rows(parts: dict[str, torch.Tensor], fn) -> dict[str, torch.Tensor]:
+    """Apply a row operation (every part has the output rows as dim 0) to each stored part."""
+    return {k: fn(v) for k, v in parts.items()}
+
+
+def gguf_quantized_state_dict(f: GGUFFile, dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], dict]:
+    """Like `gguf_state_dict`, but quantized linear weights stay quantized.
+
+    Returns (state dict with `{module}.qweight/.scales/.mins` entries for the quantized linears
+    and dense tensors for the rest, the `quantization` config section naming them). Llama q/k
+    rows are unpermuted and separate q/k/v (gate/up) fused on the quantized parts themselves."""
+    names = {g: hf_tensor_name(f, g) for g in f.tensors}
+    dense: dict[str, torch.Tensor] = {}
+    quant: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}  # module name -> (bits, parts)
+    for gguf_name, hf_name in names.items():
+        if hf_name is None:
+            continue
+        t = f.tensors[gguf_name]
+        parts = None if hf_name == "model.embed_tokens.weight" else quantized_linear_parts(t)
+        if parts is None:
+            dense[hf_name] = dequantize(t, dtype)
+        else:
+            quant[hf_name.removesuffix(".weight")] = parts
+    if f.architecture == "llama":
+        _unpermute_llama_qk(f, dense)
+        n_head = _meta_int(f, "llama.attention.head_count")
+        n_head_kv = _meta_int(f, "llama.attention.head_count_kv", n_head)
+        for name, (bits, parts) in quant.items():
+            heads = n_head if name.endswith("q_proj") else n_head_kv if name.endswith("k_proj") else None
+            if heads:
+                quant[name] = (bits, _map_rows(parts, lambda v, h=heads: unpermute_rows(v, h)))
+    _fuse_quantized(f, dense, quant)
+    sd = dict(dense)
+    for name, (_, parts) in quant.items():
+        sd.update({f"{name}.{k}": v for k, v in parts.items()})
+    section = {"quant_method": "phi3-weight-only", "bits": 4, "group_size": GROUP,
+               "modules": {name: bits for name, (bits, _) in quant.items()}}
+    return sd, section
+
+
+_FUSIONS = (("self_attn.", ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
+            ("mlp.", ("gate_proj", "up_proj"), "gate_up_proj"))
+
+
+def _fuse_quantized(f: GGUFFile, dense: dict[str, torch.Tensor], quant: dict) -> None:
+    """Separate projections -> the fused module. Quantized parts alike (same bits and kind) are
+    concatenated row-wise as they are; a mix is dequantized and fused densely."""
+    from .quant import Int4Linear, Int8Linear
+
+    layers = {int(n.split(".")[2]) for n in [*dense, *quant] if n.startswith("model.layers.")}
+    for i in sorted(layers):
+        for sub, pieces, fused in _FUSIONS:
+            names = [f"model.layers.{i}.{sub}{p}" for p in pieces]
+            if not all(n in quant or f"{n}.weight" in dense for n in names):
+                continue  # already fused in the file, or incomplete (build_model names what is missing)
+            target = f"model.layers.{i}.{sub}{fused}"
+            kinds = {(quant[n][0], tuple(sorted(quant[n][1]))) if n in quant else None for n in names}
+            if len(kinds) == 1 and None not in kinds:
+                bits = quant[names[0]][0]
+                parts = [quant.pop(n)[1] for n in names]
+                quant[target] = (bits, {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]})
+                continue
+            dtype = next(dense[f"{n}.weight"].dtype for n in names if n not in quant)
+            ws = []
+            for n in names:
+                if n in quant:
+                    bits, p = quant.pop(n)
+                    ws.append((Int4Linear if bits == 4 else Int8Linear).from_stored(p, GROUP).dequantize().to(dtype))
+                else:
+                    ws.append(dense.pop(f"{n}.weight"))
+            dense[f"{target}.weight"] = torch.cat(ws, dim=0)
+
+
 def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's q/k row permutation (HF rotate-half -> GGML interleaved rope).
 

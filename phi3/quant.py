@@ -28,14 +28,32 @@ COMPUTE_DTYPE = torch.bfloat16
 
 
 class Int8Linear(nn.Module):
+    """int8 weights with one scale per output channel (`scales` [out]), or per group of
+    `group_size` inputs (`scales` [out, in/group], GGUF's Q8_0 with groups of 32).
+
+    Per channel runs on `_weight_int8pack_mm`. Grouped runs on the int4 kernel, exactly: with
+    u = q + 128 = 16·h + l (h, l nibbles), w = d·q = 16d·(h − 8) + d·l, so y = [x | x] @ [h | l]ᵀ
+    with scale 16d / zero 0 on the h groups and scale d / zero 8d on the l groups."""
+
     compute_dtype = COMPUTE_DTYPE
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
         super().__init__()
         self.out_features, self.in_features = qweight.shape
+        self.group_size = None if scales.dim() == 1 else self.in_features // scales.shape[1]
         # saved through `stored()`, not state_dict (see `quantized_state_dict`)
         self.register_buffer("qweight", qweight, persistent=False)  # int8 [out, in]
-        self.register_buffer("scales", scales, persistent=False)  # fp32 [out]
+        self.register_buffer("scales", scales, persistent=False)  # fp32 [out] or fp16 [out, in/group]
+        if self.group_size is not None:
+            u = qweight.to(torch.int32) + 128  # [out, in] in 0..255
+            halves = torch.cat((u >> 4, u & 15), dim=1)  # [out, 2·in]
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(halves, 1),
+                                 persistent=False)
+            d = scales.float()  # [out, groups]
+            sz = torch.cat((torch.stack((16 * d, torch.zeros_like(d)), dim=-1),
+                            torch.stack((d, 8 * d), dim=-1)), dim=1)  # [out, 2·groups, 2]
+            self.register_buffer("scales_and_zeros", sz.transpose(0, 1).contiguous().to(self.compute_dtype),
+                                 persistent=False)  # [2·groups, out, 2]
 
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> "Int8Linear":
@@ -49,15 +67,23 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_stored(cls, t: dict[str, torch.Tensor], group_size: int | None = None, dtype=None) -> "Int8Linear":
-        return cls(t["qweight"], t["scales"].float())
+        scales = t["scales"]
+        return cls(t["qweight"], scales.float() if scales.dim() == 1 else scales.half())
 
     def dequantize(self) -> torch.Tensor:
-        return self.qweight.float() * self.scales[:, None]
+        if self.group_size is None:
+            return self.qweight.float() * self.scales[:, None]
+        q = self.qweight.float().view(self.out_features, -1, self.group_size)
+        return (q * self.scales.float()[..., None]).view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, shape[-1]).to(self.compute_dtype)  # [tokens, in]
-        y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales.to(self.compute_dtype))
+        if self.group_size is None:
+            y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales.to(self.compute_dtype))
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.cat((x, x), dim=1), self.packed,
+                                                           self.group_size, self.scales_and_zeros)
         return y.view(*shape[:-1], self.out_features).to(dtype)
 
 

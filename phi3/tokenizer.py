@@ -465,6 +465,7 @@ class Tokenizer:
         self.add_eos_token = self.eos_token_id is not None and added[-1:] == [self.eos_token_id]
         self.stop_token_ids = self._stop_ids(extra_stop_ids)
         self._byte_ids: frozenset[int] | None = None
+        self.gguf_metadata: dict[str, Any] | None = None  # set when read from a GGUF
 
     def _id_of(self, token: str | None) -> int | None:
         return None if token is None else self._backend.token_to_id(token)
@@ -541,8 +542,11 @@ class Tokenizer:
         _set_bos_eos(backend, named["bos_token"], named["eos_token"], add_bos, add_eos)
         eot = _gguf_token_id(metadata, "tokenizer.ggml.eot_token_id", n, source)
         template = metadata.get("tokenizer.chat_template")
-        return cls(backend, **named, chat_template=template if isinstance(template, str) else None,
-                   extra_stop_ids=[eot] if eot is not None else [], source=source)
+        tok = cls(backend, **named, chat_template=template if isinstance(template, str) else None,
+                  extra_stop_ids=[eot] if eot is not None else [], source=source)
+        # kept so that a GGUF export writes the vocabulary back exactly as it was read
+        tok.gguf_metadata = {k: v for k, v in metadata.items() if k.startswith("tokenizer.")}
+        return tok
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:

@@ -99,3 +99,21 @@ def test_context_limits(tiny):
 def test_invalid_sampling_values_are_named(tiny, field, value):
     with pytest.raises(Phi3Error, match=f"invalid sampling parameter {field}="):
         _run(tiny, [[1, 2]], **{field: value})
+
+
+def test_chunked_prefill_equals_one_call(tiny, monkeypatch):
+    """Long prompts are prefilled PREFILL_CHUNK tokens at a time; the result does not change."""
+    import phi3.generate as gen
+    prompts = [list(range(1, 40)), list(range(50, 67))]
+    whole = _run(tiny, prompts, max_new_tokens=8)
+    calls = []
+    forward = type(tiny).forward
+
+    def counting(self, ids, *a, **k):
+        calls.append(ids.shape[1])
+        return forward(self, ids, *a, **k)
+
+    monkeypatch.setattr(gen, "PREFILL_CHUNK", 7)
+    monkeypatch.setattr(type(tiny), "forward", counting)
+    assert _run(tiny, prompts, max_new_tokens=8) == whole
+    assert calls[:6] == [7, 7, 7, 7, 7, 4]  # 39 prompt tokens in chunks of 7, then one token per step

@@ -1,0 +1,316 @@
+"""GGUF out: a model (dense or quantized) plus its tokenizer and chat template as one GGUF file
+that llama.cpp (and so ollama, LM Studio …) loads.
+
+* Architecture `phi3` for Phi-3 checkpoints (fused `attn_qkv` / `ffn_up`, LongRoPE as the
+  `rope_factors_long/short` tensors plus `rope.scaling.attn_factor`), `llama` for Llama-layout
+  ones (q/k rows permuted into llama.cpp's interleaved RoPE order).
+* Tensor types: `f16`, `q8_0`, `q4_0` (linears), with our own vectorised torch quantizers that
+  reproduce ggml's reference rounding bit for bit. Norms and RoPE factors stay F32; with q4_0 the
+  embedding table and the output head are written as Q8_0 (the head is the layer most hurt by
+  4 bits, see `phi3.quant.quantize_model`).
+* Tensors are streamed: header and tensor infos first, then one tensor at a time, so the peak
+  memory is one tensor; the file is written to a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import gguf
+import numpy as np
+import torch
+
+from .atomic import atomic_write
+from .config import ModelConfig, longrope_attention_factor
+from .errors import Phi3Error
+from .tokenizer import _BYTE_LEVEL_PRES, Tokenizer
+
+GGML = gguf.GGMLQuantizationType
+EXPORT_TYPES = {"f32": GGML.F32, "f16": GGML.F16, "q8_0": GGML.Q8_0, "q4_0": GGML.Q4_0}
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}  # general.file_type (llama_ftype)
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_BYTE = 1, 2, 3, 4, 6
+
+
+# ---- ggml block quantizers (reference rounding, vectorised) ----------------------------------
+def _fp16_bytes(x: torch.Tensor) -> torch.Tensor:
+    """[n] float -> [n, 2] uint8, little-endian fp16."""
+    return x.to(torch.float16).view(torch.uint8).view(-1, 2)
+
+
+def quantize_q8_0(w: torch.Tensor) -> np.ndarray:
+    """[rows, cols] float -> [rows, cols/32*34] uint8 Q8_0 blocks: d = amax/127, q = round(w/d)."""
+    rows, cols = w.shape
+    blocks = w.float().reshape(-1, 32)  # [n_blocks, 32]
+    d = blocks.abs().amax(dim=1) / 127.0
+    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+    q = _round_half_away(blocks * inv[:, None]).to(torch.int8).view(torch.uint8)
+    return torch.cat((_fp16_bytes(d), q), dim=1).reshape(rows, cols // 32 * 34).numpy()
+
+
+def quantize_q4_0(w: torch.Tensor) -> np.ndarray:
+    """[rows, cols] float -> [rows, cols/32*18] uint8 Q4_0 blocks: d = (signed max)/−8,
+    q = trunc(w/d + 8.5) clipped to 0..15; low nibbles hold w0..15, high nibbles w16..31."""
+    rows, cols = w.shape
+    blocks = w.float().reshape(-1, 32)  # [n_blocks, 32]
+    signed_max = blocks.gather(1, blocks.abs().argmax(dim=1, keepdim=True))[:, 0]
+    d = signed_max / -8.0
+    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+    q = torch.trunc(blocks * inv[:, None] + 8.5).clamp(0, 15).to(torch.uint8)
+    qs = q[:, :16] | (q[:, 16:] << 4)  # [n_blocks, 16]
+    return torch.cat((_fp16_bytes(d), qs), dim=1).reshape(rows, cols // 32 * 18).numpy()
+
+
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """C's roundf (half away from zero), as ggml uses; torch.round rounds half to even."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def encode_tensor(w: torch.Tensor, qtype: GGML) -> np.ndarray:
+    if qtype == GGML.F32:
+        return w.float().numpy()
+    if qtype == GGML.F16:
+        return w.to(torch.float16).numpy()
+    if w.shape[-1] % 32:
+        raise Phi3Error(f"cannot write a tensor of shape {list(w.shape)} as {qtype.name}: "
+                        "its rows are not a multiple of 32")
+    return quantize_q8_0(w) if qtype == GGML.Q8_0 else quantize_q4_0(w)
+
+
+# ---- tensors ----------------------------------------------------------------------------------
+def _dense_weight(module: torch.nn.Module) -> torch.Tensor:
+    """The full-precision weight of an nn.Linear / nn.Embedding or of one of our quantized modules."""
+    return module.dequantize() if hasattr(module, "dequantize") else module.weight.detach()
+
+
+def _tensor_plan(model, cfg: ModelConfig) -> list[tuple[str, Any]]:
+    """(GGUF name, zero-argument function returning the fp32 tensor), in file order."""
+    arch = "phi3" if cfg.layout == "phi3" else "llama"
+    m = model.model
+    plan: list[tuple[str, Any]] = [("token_embd.weight", lambda: _dense_weight(m.embed_tokens))]
+    q_rows = cfg.num_attention_heads * cfg.head_dim
+    kv_rows = cfg.num_key_value_heads * cfg.head_dim
+    for i, layer in enumerate(m.layers):
+        a, f, p = layer.self_attn, layer.mlp, f"blk.{i}."
+        plan.append((p + "attn_norm.weight", lambda layer=layer: layer.input_layernorm.weight.detach()))
+        if arch == "phi3":
+            plan.append((p + "attn_qkv.weight", lambda a=a: _dense_weight(a.qkv_proj)))
+            plan.append((p + "ffn_up.weight", lambda f=f: _dense_weight(f.gate_up_proj)))
+        else:
+            def qkv_part(a, lo, hi, heads):
+                def get():
+                    w = _dense_weight(a.qkv_proj)[lo:hi]
+                    return permute_rows(w, heads) if heads else w
+                return get
+            plan.append((p + "attn_q.weight", qkv_part(a, 0, q_rows, cfg.num_attention_heads)))
+            plan.append((p + "attn_k.weight", qkv_part(a, q_rows, q_rows + kv_rows, cfg.num_key_value_heads)))
+            plan.append((p + "attn_v.weight", qkv_part(a, q_rows + kv_rows, q_rows + 2 * kv_rows, 0)))
+            half = cfg.intermediate_size
+            plan.append((p + "ffn_gate.weight", lambda f=f: _dense_weight(f.gate_up_proj)[:half]))
+            plan.append((p + "ffn_up.weight", lambda f=f: _dense_weight(f.gate_up_proj)[half:]))
+        plan.append((p + "attn_output.weight", lambda a=a: _dense_weight(a.o_proj)))
+        plan.append((p + "ffn_norm.weight", lambda layer=layer: layer.post_attention_layernorm.weight.detach()))
+        plan.append((p + "ffn_down.weight", lambda f=f: _dense_weight(f.down_proj)))
+    plan.append(("output_norm.weight", lambda: m.norm.weight.detach()))
+    tied = cfg.tie_word_embeddings and model.lm_head.weight is getattr(m.embed_tokens, "weight", None)
+    if not tied:
+        plan.append(("output.weight", lambda: _dense_weight(model.lm_head)))
+    if cfg.is_longrope:
+        rs = cfg.rope_scaling
+        plan.append(("rope_factors_long.weight", lambda: torch.tensor(rs["long_factor"], dtype=torch.float32)))
+        plan.append(("rope_factors_short.weight", lambda: torch.tensor(rs["short_factor"], dtype=torch.float32)))
+    return plan
+
+
+def permute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF rotate-half q/k rows -> llama.cpp's interleaved order (the inverse of `unpermute_rows`)."""
+    rows, rest = w.shape[0], w.shape[1:]
+    head_dim = rows // n_head
+    halves = w.reshape(n_head, 2, head_dim // 2, *rest)  # (head, j, i, ...)
+    return halves.transpose(1, 2).reshape(rows, *rest)  # (head, i, j, ...) -> rows
+
+
+def _tensor_type(name: str, weight: torch.Tensor, kind: str) -> GGML:
+    if weight.dim() == 1 or kind == "f32":
+        return GGML.F32
+    if kind == "q4_0" and name in ("token_embd.weight", "output.weight"):
+        return GGML.Q8_0
+    return EXPORT_TYPES[kind]
+
+
+# ---- metadata -------------------------------------------------------------------------------
+def model_metadata(cfg: ModelConfig, name: str) -> dict[str, Any]:
+    arch = "phi3" if cfg.layout == "phi3" else "llama"
+    md: dict[str, Any] = {
+        "general.name": name,
+        f"{arch}.context_length": cfg.max_position_embeddings,
+        f"{arch}.embedding_length": cfg.hidden_size,
+        f"{arch}.feed_forward_length": cfg.intermediate_size,
+        f"{arch}.block_count": cfg.num_hidden_layers,
+        f"{arch}.attention.head_count": cfg.num_attention_heads,
+        f"{arch}.attention.head_count_kv": cfg.num_key_value_heads,
+        f"{arch}.attention.layer_norm_rms_epsilon": cfg.rms_norm_eps,
+        f"{arch}.rope.dimension_count": cfg.rotary_dim,
+        f"{arch}.rope.freq_base": cfg.rope_theta,
+    }
+    if arch == "phi3":
+        md["phi3.rope.scaling.original_context_length"] = cfg.original_max_position_embeddings
+        md["phi3.attention.sliding_window"] = cfg.sliding_window or 0
+        if cfg.is_longrope:
+            md["phi3.rope.scaling.attn_factor"] = longrope_attention_factor(cfg)
+    else:
+        md["llama.attention.key_length"] = md["llama.attention.value_length"] = cfg.head_dim
+        md["llama.vocab_size"] = cfg.vocab_size
+    return md
+
+
+def tokenizer_metadata(tok: Tokenizer, vocab_size: int) -> dict[str, Any]:
+    """The `tokenizer.*` keys. A tokenizer read from a GGUF gives its own keys back unchanged;
+    one from `tokenizer.json` is described from its BPE model (SentencePiece-style byte-fallback
+    vocabularies as `llama`, byte-level ones as `gpt2`)."""
+    if getattr(tok, "gguf_metadata", None):
+        md = dict(tok.gguf_metadata)
+    else:
+        md = _tokenizer_json_metadata(tok, vocab_size)
+    if tok.chat_template:
+        md["tokenizer.chat_template"] = tok.chat_template
+    return md
+
+
+def _tokenizer_json_metadata(tok: Tokenizer, vocab_size: int) -> dict[str, Any]:
+    spec = json.loads(tok.backend.to_str())
+    model = spec["model"]
+    if model.get("type") != "BPE":
+        raise Phi3Error(f"{tok.source}: cannot describe a {model.get('type')} tokenizer in GGUF (only BPE)")
+    n = max(vocab_size, tok.vocab_size)
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    types = [TOKEN_USER_DEFINED] * n  # ids the tokenizer does not use (the padded rows of the embedding)
+    for text, i in model["vocab"].items():
+        tokens[i], types[i] = text, TOKEN_NORMAL
+    for added in spec.get("added_tokens", []):
+        tokens[added["id"]] = added["content"]
+        types[added["id"]] = TOKEN_CONTROL if added.get("special") else TOKEN_USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    md: dict[str, Any] = {"tokenizer.ggml.tokens": tokens}
+    if model.get("byte_fallback"):
+        # SentencePiece BPE merges the adjacent pair whose result has the highest score, so a
+        # token's score is minus the rank of the merge that makes it.
+        rank = {m.replace(" ", ""): r for r, m in reversed(list(enumerate(merges)))}
+        scores = [-1000.0 if t in (TOKEN_CONTROL, TOKEN_USER_DEFINED) else 0.0 for t in types]
+        for i, text in enumerate(tokens):
+            if types[i] != TOKEN_NORMAL:
+                continue
+            if len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+                types[i] = TOKEN_BYTE
+            else:
+                scores[i] = -float(rank.get(text, 1e9 if len(text) > 1 else i))
+        if tok.unk_token_id is not None:
+            types[tok.unk_token_id] = TOKEN_UNKNOWN
+        md.update({"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default",
+                   "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types,
+                   "tokenizer.ggml.add_space_prefix": _prepends_space(spec)})
+    else:
+        md.update({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": _byte_level_pre_name(spec, tok.source),
+                   "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges})
+    for key, value in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id), ("unknown", tok.unk_token_id),
+                       ("padding", tok.pad_token_id)):
+        if value is not None:
+            md[f"tokenizer.ggml.{key}_token_id"] = value
+    md["tokenizer.ggml.add_bos_token"] = tok.add_bos_token
+    md["tokenizer.ggml.add_eos_token"] = tok.add_eos_token
+    return md
+
+
+def _prepends_space(spec: dict) -> bool:
+    """SentencePiece's add_dummy_prefix: the normalizer prepends '▁' to the text."""
+    return '"Prepend"' in json.dumps(spec.get("normalizer") or {})
+
+
+def _byte_level_pre_name(spec: dict, source: str) -> str:
+    """The llama.cpp `tokenizer.ggml.pre` name whose regex split this byte-level tokenizer uses."""
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    split, digits = None, False
+    for step in steps:
+        if step.get("type") == "Split":
+            split = step["pattern"].get("Regex")
+        elif step.get("type") == "Digits":
+            digits = True
+    for name, (regex, wants_digits, _) in _BYTE_LEVEL_PRES.items():
+        if regex == split and wants_digits == digits:
+            return name
+    raise Phi3Error(f"{source}: its byte-level pre-tokenizer (split {split!r}, digits {digits}) has no "
+                    "llama.cpp equivalent known to phi3")
+
+
+def _add_kv(writer: gguf.GGUFWriter, key: str, value: Any) -> None:
+    T = gguf.GGUFValueType
+    if isinstance(value, bool):
+        writer.add_key_value(key, value, T.BOOL)
+    elif isinstance(value, int):
+        writer.add_key_value(key, value, T.UINT32)
+    elif isinstance(value, float):
+        writer.add_key_value(key, value, T.FLOAT32)
+    elif isinstance(value, str):
+        writer.add_key_value(key, value, T.STRING)
+    elif isinstance(value, (list, tuple)):
+        sub = (T.STRING if isinstance(value[0], str) else T.FLOAT32 if isinstance(value[0], float)
+               else T.INT32) if value else T.INT32
+        writer.add_key_value(key, list(value), T.ARRAY, sub)
+    else:
+        raise Phi3Error(f"cannot write metadata {key!r} of type {type(value).__name__} to GGUF")
+
+
+# ---- the file ----------------------------------------------------------------------------------
+def write_gguf(model, tokenizer: Tokenizer | None, path: str | Path, kind: str = "f16",
+               name: str = "phi3", progress: bool = False) -> Path:
+    """Write `model` (+ `tokenizer`) as a GGUF file of tensor type `kind` (f32|f16|q8_0|q4_0)."""
+    if kind not in EXPORT_TYPES:
+        raise Phi3Error(f"GGUF type {kind!r} is not supported (use one of {', '.join(EXPORT_TYPES)})")
+    cfg: ModelConfig = model.config
+    if cfg.layout not in ("phi3", "llama"):
+        raise Phi3Error(f"GGUF export of model_type {cfg.model_type!r} is not supported")
+    path = Path(path)
+    arch = "phi3" if cfg.layout == "phi3" else "llama"
+    plan = _tensor_plan(model, cfg)
+
+    def write(tmp: str) -> None:
+        writer = gguf.GGUFWriter(tmp, arch)
+        for key, value in model_metadata(cfg, name).items():
+            _add_kv(writer, key, value)
+        writer.add_key_value("general.file_type", FILE_TYPES[kind], gguf.GGUFValueType.UINT32)
+        writer.add_key_value("general.quantization_version", 2, gguf.GGUFValueType.UINT32)
+        if tokenizer is not None:
+            for key, value in tokenizer_metadata(tokenizer, cfg.vocab_size).items():
+                _add_kv(writer, key, value)
+        # tensor infos need each encoded size: shapes and types are known without encoding
+        encoded_specs = []
+        for gguf_name, get in plan:
+            w = get()
+            qtype = _tensor_type(gguf_name, w, kind)
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            nbytes = w.numel() // block * type_size
+            dtype = {GGML.F32: np.float32, GGML.F16: np.float16}.get(qtype, np.uint8)
+            shape = list(w.shape)
+            if dtype is np.uint8:  # the writer takes quantized shapes in bytes per row
+                shape[-1] = shape[-1] // block * type_size
+            writer.add_tensor_info(gguf_name, shape, np.dtype(dtype), nbytes, raw_dtype=qtype)
+            encoded_specs.append(qtype)
+            del w
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for (gguf_name, get), qtype in _progress(list(zip(plan, encoded_specs)), progress):
+            writer.write_tensor_data(encode_tensor(get(), qtype))
+        writer.close()
+
+    atomic_write(path, write)
+    return path
+
+
+def _progress(items: list, enabled: bool) -> Iterator:
+    if not enabled:
+        return iter(items)
+    from tqdm import tqdm
+    return iter(tqdm(items, desc="writing GGUF", unit="tensor"))

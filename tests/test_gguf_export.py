@@ -1,0 +1,164 @@
+"""GGUF out (phi3.gguf_export) and quantized GGUF weights kept quantized (phi3.gguf native loading)."""
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import phi3
+from phi3.checkpoint import build_model
+from phi3.config import ModelConfig
+from phi3.errors import Phi3Error
+from phi3.gguf import GGUFTensor, dequantize, gguf_to_hf_config, native_int4, native_int8, read_gguf
+from phi3.gguf_export import permute_rows, quantize_q4_0, quantize_q8_0, write_gguf
+from phi3.models.phi3 import Phi3ForCausalLM
+from phi3.quant import Int4Linear, Int8Linear
+from phi3.tokenizer import Tokenizer
+
+from .conftest import SHARED, scaled_down
+from .test_tokenizer import case_params
+
+QT = gguf.GGMLQuantizationType
+PHI3_VOCAB = SHARED / "tokenizer" / "ggml-vocab-phi-3.gguf"
+
+
+# ---- block quantizers --------------------------------------------------------------------------
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q8_0])
+def test_quantizers_match_ggml_reference_bit_exact(qtype):
+    w = torch.randn(48, 256) * torch.rand(48, 1) * 3
+    w[3, :32] = 0  # an all-zero block
+    ours = (quantize_q4_0 if qtype == QT.Q4_0 else quantize_q8_0)(w)
+    assert np.array_equal(ours, gguf.quants.quantize(w.numpy(), qtype))
+
+
+def test_permute_rows_inverts_unpermute():
+    from phi3.gguf import unpermute_rows
+    w = torch.randn(4 * 8, 5)
+    assert torch.equal(unpermute_rows(permute_rows(w, 4), 4), w)
+
+
+# ---- native quantized loading ------------------------------------------------------------------
+def _tensor(qtype: QT, w: torch.Tensor) -> GGUFTensor:
+    return GGUFTensor("blk.0.ffn_down.weight", qtype.name, tuple(w.shape), gguf.quants.quantize(w.numpy(), qtype))
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0])
+def test_native_parts_are_exactly_the_gguf_values(qtype):
+    t = _tensor(qtype, torch.randn(64, 256))
+    if qtype == QT.Q8_0:
+        layer = Int8Linear.from_stored(native_int8(t))
+        assert layer.group_size == 32
+    else:
+        layer = Int4Linear.from_stored(native_int4(t), 32)
+    assert torch.equal(layer.dequantize(), dequantize(t))
+    x = torch.randn(3, 256)
+    expected = x.bfloat16().float() @ dequantize(t).T
+    assert (layer(x) - expected).abs().max() < 0.01 * expected.abs().max()
+
+
+def test_quantized_gguf_stays_quantized(default_gguf):
+    """SmolLM2 (Q4_1 linears, Q8_0 tied embedding): int4 modules, same greedy answer as the dense model."""
+    dense, native = phi3.load(default_gguf, dequantize=True), phi3.load(default_gguf)
+    layer = native.model.model.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, Int4Linear) and isinstance(layer.mlp.down_proj, Int4Linear)
+    assert isinstance(native.model.model.embed_tokens, torch.nn.Embedding)  # tied head stays dense
+    for name in ("self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj"):  # unpermuted + fused, exactly
+        assert torch.equal(layer.get_submodule(name).dequantize(), dense.model.model.layers[0].get_submodule(name).weight)
+    ids = torch.tensor([native.encode("The capital of France is")])
+    with torch.no_grad():
+        a, b = dense.model(ids), native.model(ids)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    question = "What is the capital of France?"
+    assert native.chat(question, max_new_tokens=24) == dense.chat(question, max_new_tokens=24)
+
+
+# ---- export -----------------------------------------------------------------------------------
+def test_smollm2_round_trip_through_our_gguf(default_gguf, tmp_path):
+    lm = phi3.load(default_gguf, dequantize=True)
+    ids = torch.tensor([lm.encode("def fibonacci(n):")])
+    with torch.no_grad():
+        ref = lm.model(ids)
+    path = write_gguf(lm.model, lm.tokenizer, tmp_path / "smol-f16.gguf", "f16")
+    back = phi3.load(path, dequantize=True)
+    with torch.no_grad():
+        out = back.model(ids)
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()  # fp16 weights
+    assert torch.equal(out.argmax(-1), ref.argmax(-1))
+    assert back.tokenizer.gguf_metadata == lm.tokenizer.gguf_metadata  # vocabulary written back unchanged
+    assert back.config.tie_word_embeddings and "output.weight" not in read_gguf(path).tensors
+
+
+@pytest.fixture
+def longrope_phi3():
+    hf = scaled_down("phi-3-mini-128k-instruct", vocab=32064)
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_hf_dict(hf)
+    with torch.device("meta"):
+        shapes = Phi3ForCausalLM(cfg).state_dict()
+    return build_model(cfg, {k: torch.randn(v.shape) * 0.05 for k, v in shapes.items()}, torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["f16", "q8_0", "q4_0"])
+def test_phi3_longrope_export_reads_back(longrope_phi3, tmp_path, kind):
+    tok = Tokenizer.from_gguf(PHI3_VOCAB)
+    path = write_gguf(longrope_phi3, tok, tmp_path / f"phi3-{kind}.gguf", kind)
+    f = read_gguf(path)
+    hf = gguf_to_hf_config(f)
+    cfg = longrope_phi3.config
+    assert hf["rope_scaling"]["long_factor"] == pytest.approx(cfg.rope_scaling["long_factor"])
+    assert hf["rope_scaling"]["short_factor"] == pytest.approx(cfg.rope_scaling["short_factor"])
+    assert hf["original_max_position_embeddings"] == cfg.original_max_position_embeddings
+    assert hf["sliding_window"] == cfg.sliding_window
+    assert f.tensors["blk.0.attn_qkv.weight"].qtype == kind.upper()
+    assert f.tensors["blk.0.attn_norm.weight"].qtype == "F32"
+    back = phi3.load(path)
+    if kind == "q4_0":
+        assert isinstance(back.model.model.layers[1].mlp.down_proj, Int4Linear)
+        assert f.tensors["output.weight"].qtype == "Q8_0"  # the head keeps 8 bits
+    ids = torch.randint(0, 32064, (1, 40))  # crosses the LongRoPE switch (original = 32)
+    with torch.no_grad():
+        ref, out = longrope_phi3(ids), back.model(ids)
+    tol = {"f16": 0.01, "q8_0": 0.05, "q4_0": 0.35}[kind]
+    assert (out - ref).abs().max() < tol * ref.abs().max()
+
+
+@pytest.mark.parametrize("text,expected", case_params("phi-3"))
+def test_phi3_vocab_from_tokenizer_json_exported(tmp_path_factory, text, expected):
+    """tokenizer.json -> GGUF metadata (scores from merge ranks) -> tokenizer: llama.cpp's vectors still hold."""
+    tok = _exported_phi3_tokenizer(tmp_path_factory)
+    assert tok.encode(text) == expected
+
+
+_cache: dict = {}
+
+
+def _exported_phi3_tokenizer(factory) -> Tokenizer:
+    if "tok" not in _cache:
+        from phi3.gguf_export import tokenizer_metadata
+        d = factory.mktemp("phi3tok")
+        Tokenizer.from_gguf(PHI3_VOCAB).save_pretrained(d)
+        from_json = Tokenizer.from_dir(d)
+        assert from_json.gguf_metadata is None
+        md = tokenizer_metadata(from_json, 32064)
+        assert md["tokenizer.ggml.model"] == "llama" and len(md["tokenizer.ggml.tokens"]) == 32064
+        _cache["tok"] = Tokenizer.from_gguf_metadata(json.loads(json.dumps(md)), "exported")
+    return _cache["tok"]
+
+
+def test_bad_export_type(longrope_phi3, tmp_path):
+    with pytest.raises(Phi3Error, match="GGUF type 'q5_1' is not supported"):
+        write_gguf(longrope_phi3, None, tmp_path / "x.gguf", "q5_1")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_cli_convert_to_gguf(default_gguf, tmp_path, capsys):
+    from phi3.cli import main
+    out = tmp_path / "smol-q8.gguf"
+    assert main(["convert", str(default_gguf), str(out), "--type", "q8_0"]) == 0
+    f = read_gguf(out)
+    assert f.tensors["blk.0.attn_q.weight"].qtype == "Q8_0"
+    lm = phi3.load(out)
+    assert isinstance(lm.model.model.layers[0].self_attn.qkv_proj, Int8Linear)
+    assert lm.chat("What is the capital of France?", max_new_tokens=12).strip()
