@@ -42,9 +42,11 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = qweight.shape
         self.group_size = None if scales.dim() == 1 else self.in_features // scales.shape[1]
         # saved through `stored()`, not state_dict (see `quantized_state_dict`)
-        self.register_buffer("qweight", qweight, persistent=False)  # int8 [out, in]
         self.register_buffer("scales", scales, persistent=False)  # fp32 [out] or fp16 [out, in/group]
-        if self.group_size is not None:
+        self._qweight = qweight  # int8 [out, in]; grouped: rebuilt from the kernel layout when needed
+        if self.group_size is None:
+            self.register_buffer("_qweight_buf", qweight, persistent=False)
+        else:
             u = qweight.to(torch.int32) + 128  # [out, in] in 0..255
             halves = torch.cat((u >> 4, u & 15), dim=1)  # [out, 2·in]
             self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(halves, 1),
@@ -54,6 +56,17 @@ class Int8Linear(nn.Module):
                             torch.stack((d, 8 * d), dim=-1)), dim=1)  # [out, 2·groups, 2]
             self.register_buffer("scales_and_zeros", sz.transpose(0, 1).contiguous().to(self.compute_dtype),
                                  persistent=False)  # [2·groups, out, 2]
+            block = kernel_block_n()
+            if block and self.out_features % block == 0:
+                self._qweight = None  # the weights are held once, in the kernel layout
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        if self._qweight is not None:
+            return self._qweight
+        halves = unpack_kernel_int4(self.packed, self.out_features, 2 * self.in_features)  # [out, 2·in]
+        hi, lo = halves[:, :self.in_features], halves[:, self.in_features:]
+        return (16 * hi + lo - 128).to(torch.int8)
 
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> "Int8Linear":
@@ -80,7 +93,7 @@ class Int8Linear(nn.Module):
         shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, shape[-1]).to(self.compute_dtype)  # [tokens, in]
         if self.group_size is None:
-            y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales.to(self.compute_dtype))
+            y = torch.ops.aten._weight_int8pack_mm(x, self._qweight_buf, self.scales.to(self.compute_dtype))
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.cat((x, x), dim=1), self.packed,
                                                            self.group_size, self.scales_and_zeros)
@@ -110,6 +123,42 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     return q[:, 0::2] | (q[:, 1::2] << 4)
 
 
+def _find_kernel_block_n() -> int | None:
+    """The N-blocking of `_convert_weight_to_int4pack_for_cpu` on this CPU (32 with AVX2, 64 with
+    AVX-512): its output is [N/B, K, B/2] bytes holding rows (j, j + B/2) of each block of B rows
+    in the low/high nibble. Found by checking a random matrix, None if the layout is another."""
+    q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    for block in (32, 64, 16, 128):
+        if torch.equal(_unpack_kernel_layout(packed, 128, 64, block), q):
+            return block
+    return None
+
+
+def _unpack_kernel_layout(packed: torch.Tensor, n: int, k: int, block: int) -> torch.Tensor:
+    """The kernel's packed int4 weight -> int32 [n, k] in 0..15."""
+    b = packed.reshape(n // block, k, block // 2)  # [N/B, K, B/2]
+    q = torch.cat((b & 0x0F, b >> 4), dim=-1)  # [N/B, K, B]: rows j and j + B/2
+    return q.permute(0, 2, 1).reshape(n, k).to(torch.int32)
+
+
+_KERNEL_BLOCK_N: list = []
+
+
+def kernel_block_n() -> int | None:
+    if not _KERNEL_BLOCK_N:
+        _KERNEL_BLOCK_N.append(_find_kernel_block_n())
+    return _KERNEL_BLOCK_N[0]
+
+
+def unpack_kernel_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor | None:
+    """int32 [n, k] back from the kernel layout, or None when it cannot be inverted here."""
+    block = kernel_block_n()
+    if block is None or n % block:
+        return None
+    return _unpack_kernel_layout(packed, n, k, block)
+
+
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [out, in/2] -> int32 [out, in]."""
     low, high = packed & 0x0F, packed >> 4
@@ -126,15 +175,25 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = qweight.shape[0], qweight.shape[1] * 2
         self.group_size = group_size
-        self.qweight = qweight  # uint8 [out, in/2], the file layout (not a buffer: never copied)
         self.scales, self.mins = scales.to(torch.float16), mins.to(torch.float16)  # [out, in/group]
         q = unpack_nibbles(qweight)  # int32 [out, in], one layer at a time
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), persistent=False)
+        # The file layout is rebuilt from the kernel layout when needed (saving, dequantizing),
+        # so the weights are held once; kept only where the kernel layout is unknown.
+        block = kernel_block_n()
+        self._qweight = None if block and self.out_features % block == 0 else qweight
         # the kernel computes w = (q − 8)·scale + zero
         s = self.scales.float()
         sz = torch.stack((s, self.mins.float() + 8.0 * s), dim=-1)  # [out, groups, 2]
         sz = sz.transpose(0, 1).contiguous()  # [groups, out, 2]
         self.register_buffer("scales_and_zeros", sz.to(self.compute_dtype), persistent=False)
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        """uint8 [out, in/2], low nibble = even column (the file layout)."""
+        if self._qweight is not None:
+            return self._qweight
+        return pack_nibbles(unpack_kernel_int4(self.packed, self.out_features, self.in_features))
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, group_size: int) -> "Int4Linear":
