@@ -170,8 +170,9 @@ def restore(model: nn.Module, optimizer, model_sd: dict, optim_sd: dict, path: P
 # ---- throughput -----------------------------------------------------------------------------------
 def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, reps: int = 8) -> float:
     """Best-of matmul FLOP/s on this device: the denominator of MFU."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG (checkpointed) alone
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     best = float("inf")
     for _ in range(reps):
         if device.type == "cuda":

@@ -10,7 +10,8 @@ import yaml
 
 TINY = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 512,
-        "original_max_position_embeddings": 512, "sliding_window": None, "rope_scaling": None}
+        "original_max_position_embeddings": 512, "sliding_window": None, "rope_scaling": None,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 
 
 def write_shards(out: Path, arrays: list[np.ndarray], vocab: int = 256, eos: int = 0) -> Path:
