@@ -45,9 +45,12 @@ def build_model(spec: ModelSpec, seed: int) -> tuple[Phi3ForCausalLM, str | None
         gen = torch.Generator().manual_seed(seed)
         init_weights(model, spec.init_std, spec.mup_base_width, cfg.hidden_size, generator=gen)
         return model, None
-    from ..api import load
-
-    src = load(spec.init_from, "float32").model
+    if Path(spec.init_from).is_dir():  # an HF directory (a tokenizer is optional for training)
+        from ..checkpoint import load_hf_checkpoint
+        src = load_hf_checkpoint(spec.init_from, "float32")
+    else:
+        from ..api import load
+        src = load(spec.init_from, "float32").model
     if spec.scale_up is None:
         if spec.overrides:
             raise ConfigError("model.overrides: cannot change the shape of a model loaded with init_from "
