@@ -230,3 +230,13 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
     (latest / "model.safetensors").unlink()
     assert main(["train", "pretrain", str(path), "--no-progress"]) == 2
     assert "pass --resume" in capsys.readouterr().err
+
+
+def test_plot_writes_a_png(tmp_path, capsys):
+    path = write_config(tmp_path, tiny_config(tmp_path))
+    assert main(["train", "pretrain", str(path), "--no-progress"]) == 0
+    assert main(["train", "plot", str(tmp_path / "run")]) == 0
+    png = (tmp_path / "run" / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert main(["train", "plot", str(tmp_path / "nothing")]) == 2
+    assert "metrics.jsonl: not found" in capsys.readouterr().err
