@@ -2,7 +2,7 @@
 
 Input contract (what the data pipeline hands over):
 
-- `*.jsonl` / `*.jsonl.gz`-free JSON Lines: one object per line with a string field `text`
+- `*.jsonl` (JSON Lines, uncompressed): one object per line with a string field `text`
   (the field name is `--text-field`); every line is one document. Blank lines are skipped.
 - `*.parquet`: a string column `text` (same `--text-field`); every row is one document.
 - anything else (`.txt`, `.md`, `.py`, `.rst`, ...): the whole file is one UTF-8 document.
