@@ -117,7 +117,8 @@ def main() -> None:
     if args.write:
         md = ROOT / "BENCHMARKS.md"
         text = md.read_text() if md.exists() else "# Benchmarks\n"
-        cmd = "`.venv/bin/python bench/train.py" + (" --compile" if args.compile else "") + " --write`"
+        cmd = (f"`.venv/bin/python bench/train.py --steps {args.steps}" + (" --compile" if args.compile else "")
+               + " --write`")
         section = f"\n## Training throughput (bench/train.py)\n\n{cmd}, {time.strftime('%Y-%m-%d')}\n\n{table}\n"
         start = text.find("\n## Training throughput")
         if start >= 0:
