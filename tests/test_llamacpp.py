@@ -16,7 +16,7 @@ from phi3.tokenizer import Tokenizer
 
 from .conftest import SHARED, scaled_down
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test dependency (pip install -e '.[test]')")
+import llama_cpp  # a test dependency (pyproject [test])
 
 PROMPTS = ["What is the capital of France?", "Write a Python function that reverses a string.",
            "Explain photosynthesis in two sentences.", "List three prime numbers.",
