@@ -23,6 +23,7 @@ from .stage import run_stage
 
 EMBEDDER = "all-MiniLM-L6-v2"
 _EMBEDDERS: dict = {}
+MIN_LABELS = 5
 
 
 def embedder_path() -> Path:
@@ -87,8 +88,9 @@ def train_classifier(annotations, out_path: str | Path, *, threshold: float = 3.
 
     start = time.perf_counter()
     texts, y = load_labels(annotations, label_field)
-    if len(y) < 10:
-        raise Phi3Error(f"{annotations}: only {len(y)} usable teacher labels; the classifier needs at least 10")
+    if len(y) < MIN_LABELS:
+        raise Phi3Error(f"{annotations}: only {len(y)} usable teacher labels; the classifier needs at least "
+                        f"{MIN_LABELS} (a real run uses thousands)")
     x = embed(texts)
     binary = y >= threshold
     stratify = binary if min(binary.sum(), (~binary).sum()) >= 2 else None
@@ -121,24 +123,26 @@ def load_classifier(path: str | Path) -> dict:
     return clf
 
 
-def score_shard(src: Path, dst: Path, classifier: str, threshold: float | None, batch_size: int = 64) -> dict:
+def score_shard(src: Path, dst: Path, classifier: str, threshold: float, skip_sources: list[str],
+                batch_size: int = 64) -> dict:
+    """Add `edu_score` to each record of a shard; keep those at or above `threshold`."""
     clf = load_classifier(classifier)
-    thr = clf["threshold"] if threshold is None else threshold
     records = list(read_records(src))
-    scores = clf["model"].predict(embed([r["text"] for r in records], batch_size)) if records else []
-    kept = []
-    for rec, s in zip(records, scores):
+    skip = set(skip_sources)
+    todo = [r for r in records if r.get("source") not in skip]
+    scores = clf["model"].predict(embed([r["text"] for r in todo], batch_size)) if todo else []
+    for rec, s in zip(todo, scores):
         rec["edu_score"] = round(float(np.clip(s, 0, 5)), 4)
-        if rec["edu_score"] >= thr:
-            kept.append(rec)
+    kept = [r for r in records if r.get("source") in skip or r["edu_score"] >= threshold]
     write_records(dst, kept)
     return {"in": len(records), "out": len(kept), "reasons": {"below_threshold": len(records) - len(kept)}}
 
 
-def score_shards(inputs, out_dir, classifier: str | Path, *, threshold: float | None = None, workers=None,
-                 engine="local", dask_address=None) -> dict:
+def score_shards(inputs, out_dir, classifier: str | Path, *, threshold: float | None = None, skip_sources=(),
+                 workers=None, engine="local", dask_address=None) -> dict:
+    """Score every document (except `skip_sources`, passed through) and keep those >= threshold."""
     clf = load_classifier(classifier)
     thr = clf["threshold"] if threshold is None else threshold
     return run_stage("classify", score_shard, inputs, out_dir,
-                     params={"classifier": str(classifier), "threshold": thr},
+                     params={"classifier": str(classifier), "threshold": thr, "skip_sources": list(skip_sources)},
                      workers=workers, engine=engine, dask_address=dask_address, extra={"threshold": thr})

@@ -116,12 +116,16 @@ def quality_reason(text: str, cfg: FilterConfig) -> str | None:
     return None
 
 
-def filter_shard_quality(src: Path, dst: Path, cfg: dict) -> dict:
+def filter_shard_quality(src: Path, dst: Path, cfg: dict, skip_sources: list[str]) -> dict:
     config = FilterConfig(**cfg)
-    return filter_shard(src, dst, lambda rec: quality_reason(rec["text"], config))
+    skip = set(skip_sources)
+    return filter_shard(src, dst, lambda rec: None if rec.get("source") in skip else quality_reason(rec["text"], config))
 
 
-def quality_filter(inputs, out_dir, cfg: FilterConfig = FilterConfig(), *, workers=None, engine="local",
-                   dask_address=None) -> dict:
-    return run_stage("filter", filter_shard_quality, inputs, out_dir, params={"cfg": asdict(cfg)},
-                     workers=workers, engine=engine, dask_address=dask_address, extra={"config": asdict(cfg)})
+def quality_filter(inputs, out_dir, cfg: FilterConfig = FilterConfig(), *, skip_sources=(), workers=None,
+                   engine="local", dask_address=None) -> dict:
+    """Apply the rules to every record except those whose `source` is in `skip_sources` (e.g. code)."""
+    return run_stage("filter", filter_shard_quality, inputs, out_dir,
+                     params={"cfg": asdict(cfg), "skip_sources": list(skip_sources)},
+                     workers=workers, engine=engine, dask_address=dask_address,
+                     extra={"config": asdict(cfg), "skip_sources": list(skip_sources)})

@@ -7,6 +7,7 @@ exists is complete.
 
 from __future__ import annotations
 
+import glob
 import gzip
 import hashlib
 import io
@@ -48,7 +49,7 @@ def list_shards(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list
             shard_format(p)
             shards.append(p)
         else:
-            matches = sorted(Path().glob(str(item))) if any(c in str(item) for c in "*?[") else []
+            matches = sorted(map(Path, glob.glob(str(item)))) if any(c in str(item) for c in "*?[") else []
             if not matches:
                 raise Phi3Error(f"{item}: no such shard, directory or pattern match")
             shards.extend(m for m in matches if m.name.endswith(SHARD_SUFFIXES))

@@ -9,19 +9,20 @@
     paths = ["/usr/share/doc/python3.11/html/library"]
     kind = "html"
 
-    [dedup]                        # out/raw -> out/dedup
+    [dedup]                        # out/raw/* -> out/dedup
     threshold = 0.8
-    [filter]                       # -> out/filter  (FilterConfig fields)
+    [filter]                       # -> out/filter  (FilterConfig fields; skip_sources pass untouched)
     min_words = 50
-    [annotate]                     # sample of out/filter -> out/annotate  (teacher settings)
+    skip_sources = ["code"]
+    [decontam]                     # out/filter -> out/decontam (and out/synth -> out/synth_decontam)
+    eval = { humaneval = ["evals/humaneval.jsonl"] }
+    [annotate]                     # sample of out/decontam -> out/annotate  (teacher settings)
     base_url = "http://127.0.0.1:8000/v1"
     sample = 1000
-    [classify]                     # -> out/classifier.pkl, then out/filter -> out/classify
+    [classify]                     # -> out/classifier.pkl, then out/decontam -> out/classify
     threshold = 3
-    [synth]                        # optional: seeds from out/classify -> out/synth
+    [synth]                        # seeds from out/classify -> out/synth
     n = 100
-    [decontam]                     # out/classify (+ out/synth) -> out/decontam
-    eval = { humaneval = ["evals/humaneval.jsonl"] }
     [mix]                          # -> out/mix/<phase>/ ; source paths relative to out
     [[mix.phase]] ...
 
@@ -119,17 +120,25 @@ def run_pipeline(config_path: str | Path, only: list[str] | None = None) -> dict
         reports["dedup"] = _done(out / "dedup") or dedup(raw, out / "dedup",
                                                          DedupConfig(**{"seed": 1, **cfg["dedup"]}), **par)
     if wanted("filter"):
+        f = dict(cfg["filter"])
+        skip = f.pop("skip_sources", [])
         reports["filter"] = _done(out / "filter") or quality_filter(out / "dedup", out / "filter",
-                                                                    FilterConfig.from_dict(cfg["filter"]), **par)
+                                                                    FilterConfig.from_dict(f), skip_sources=skip, **par)
+    evals, ngram = {}, 13
+    if "decontam" in cfg:
+        evals = {name: [resolve(p) for p in paths] for name, paths in cfg["decontam"].get("eval", {}).items()}
+        ngram = cfg["decontam"].get("ngram", 13)
+    if wanted("decontam"):
+        reports["decontam"] = _done(out / "decontam") or decontaminate(out / "filter", out / "decontam", evals,
+                                                                       n=ngram, **par)
+    clean = out / ("decontam" if "decontam" in cfg else "filter")
     if wanted("annotate"):
         a = cfg["annotate"]
         opts = _rest(a)
         if "prompt_path" in opts:
             opts["prompt_path"] = resolve(opts["prompt_path"])
-        reports["annotate"] = annotate(out / "filter", out / "annotate", _teacher(a), seed=seed, **opts)
-    kept = out / "filter"
-    if "classify" in cfg:
-        kept = out / "classify"
+        opts.setdefault("seed", seed)
+        reports["annotate"] = annotate(clean, out / "annotate", _teacher(a), **opts)
     if wanted("classify"):
         c = cfg["classify"]
         clf = out / "classifier.pkl"
@@ -138,22 +147,22 @@ def run_pipeline(config_path: str | Path, only: list[str] | None = None) -> dict
                                                          threshold=c.get("threshold", 3.0), seed=seed)
         else:
             reports["classify_train"] = read_json(clf.with_suffix(".json"))
-        reports["classify"] = _done(out / "classify") or score_shards(out / "filter", out / "classify", clf,
-                                                                      threshold=c.get("threshold"), **par)
+        reports["classify"] = _done(out / "classify") or score_shards(
+            clean, out / "classify", clf, threshold=c.get("threshold"), skip_sources=c.get("skip_sources", []), **par)
     if wanted("synth"):
         s = cfg["synth"]
         scfg = SynthConfig(**{k: v for k, v in s.items() if k in {f.name for f in fields(SynthConfig)}})
-        extra = {k: v for k, v in _rest(s).items() if k in ("n", "prompt_path")}
+        extra = {k: v for k, v in s.items() if k in ("n", "prompt_path")}
         if "prompt_path" in extra:
             extra["prompt_path"] = resolve(extra["prompt_path"])
-        reports["synth"] = _done(out / "synth") or synthesize(kept, out / "synth", _teacher(s, {"max_tokens": 512,
-                                                              "temperature": 0.8}), scfg, seed=seed, **extra)
-    if wanted("decontam"):
-        d = cfg["decontam"]
-        evals = {name: [resolve(p) for p in paths] for name, paths in d.get("eval", {}).items()}
-        inputs = [kept] + ([out / "synth"] if (out / "synth" / "stats.json").exists() else [])
-        reports["decontam"] = _done(out / "decontam") or decontaminate(inputs, out / "decontam", evals,
-                                                                       n=d.get("ngram", 13), **par)
+        seeds = out / ("classify" if "classify" in cfg else clean.name)
+        if s.get("seed_glob"):
+            seeds = str(seeds / s["seed_glob"])
+        reports["synth"] = _done(out / "synth") or synthesize(
+            seeds, out / "synth", _teacher(s, {"max_tokens": 512, "temperature": 0.8}), scfg, seed=seed, **extra)
+        if evals:  # synthetic text is decontaminated like the rest
+            reports["synth_decontam"] = _done(out / "synth_decontam") or decontaminate(
+                out / "synth", out / "synth_decontam", evals, n=ngram, **par)
     if wanted("mix"):
         spec = check_spec(dict(cfg["mix"]), f"{config_path} [mix]", base=out)
         reports["mix"] = build_mixtures(spec, out / "mix")
