@@ -21,7 +21,7 @@
     sample = 1000
     [classify]                     # -> out/classifier.pkl, then out/decontam -> out/classify
     threshold = 3
-    [synth]                        # seeds from out/classify -> out/synth
+    [synth]                        # seeds from out/classify (or seed_from = "decontam") -> out/synth
     n = 100
     [mix]                          # -> out/mix/<phase>/ ; source paths relative to out
     [[mix.phase]] ...
@@ -155,7 +155,7 @@ def run_pipeline(config_path: str | Path, only: list[str] | None = None) -> dict
         extra = {k: v for k, v in s.items() if k in ("n", "prompt_path")}
         if "prompt_path" in extra:
             extra["prompt_path"] = resolve(extra["prompt_path"])
-        seeds = out / ("classify" if "classify" in cfg else clean.name)
+        seeds = out / s.get("seed_from", "classify" if "classify" in cfg else clean.name)
         if s.get("seed_glob"):
             seeds = str(seeds / s["seed_glob"])
         reports["synth"] = _done(out / "synth") or synthesize(
