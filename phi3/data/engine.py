@@ -7,6 +7,7 @@ machine (`engine="local"`, a process pool) and on a cluster (`engine="dask"`, wi
 
 from __future__ import annotations
 
+import atexit
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Callable, Iterator, Sequence
@@ -51,24 +52,40 @@ def _run(fn, tasks, workers, engine, dask_address) -> Iterator[tuple[int, dict]]
                 yield futures[fut], fut.result()
 
 
-def _run_dask(fn, tasks, workers, dask_address) -> Iterator[tuple[int, dict]]:
-    try:
-        from dask.distributed import Client, LocalCluster, as_completed as dask_completed
-    except ImportError:
-        raise Phi3Error("engine 'dask' needs dask[distributed] (pip install 'dask[distributed]')") from None
-    cluster = None
-    if dask_address:
-        client = Client(dask_address)
-    else:
+_LOCAL_CLUSTERS: dict = {}
+
+
+def _local_dask_client(workers: int):
+    """One local Dask cluster per worker count, started on first use and kept for later stages."""
+    from dask.distributed import Client, LocalCluster
+
+    if workers not in _LOCAL_CLUSTERS:
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                dashboard_address=None, host="127.0.0.1")
         client = Client(cluster)
+        _LOCAL_CLUSTERS[workers] = (cluster, client)
+        atexit.register(_close_local_clusters)
+    return _LOCAL_CLUSTERS[workers][1]
+
+
+def _close_local_clusters() -> None:
+    while _LOCAL_CLUSTERS:
+        _, (cluster, client) = _LOCAL_CLUSTERS.popitem()
+        client.close()
+        cluster.close()
+
+
+def _run_dask(fn, tasks, workers, dask_address) -> Iterator[tuple[int, dict]]:
+    try:
+        from dask.distributed import Client, as_completed as dask_completed
+    except ImportError:
+        raise Phi3Error("engine 'dask' needs dask[distributed] (pip install 'dask[distributed]')") from None
+    client = Client(dask_address) if dask_address else _local_dask_client(workers)
     try:
         futures = client.map(fn, tasks, pure=False)
         index = {f.key: i for i, f in enumerate(futures)}
         for fut in dask_completed(futures):
             yield index[fut.key], fut.result()
     finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        if dask_address:
+            client.close()
