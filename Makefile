@@ -30,7 +30,7 @@ data-deps:
 	bash .ci/data-deps
 
 bench-data: setup data-deps
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check datatrove
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check datatrove 'xxhash<4' orjson spacy
 	$(BIN)/python bench/data.py
 
 clean:

@@ -73,40 +73,42 @@ def signature_shard(src: Path, dst: Path, cfg: dict) -> dict:
 
 
 def find_duplicates(shard_sigs: list[tuple[str, Path]], cfg: DedupConfig) -> dict:
-    """Pass 2: map removed (shard, id) to the id it duplicates; the clusters and counts."""
+    """Pass 2: removed records (by shard and position) with the id each duplicates; clusters; counts."""
     from datasketch import LeanMinHash, MinHashLSH
 
     params = None if cfg.bands is None else (cfg.bands, cfg.num_perm // cfg.bands)
     lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, params=params)
     seen_hash: dict[str, str] = {}
     kept_sig: dict[str, LeanMinHash] = {}
+    kept_id: dict[str, str] = {}
     removed: dict[str, dict[str, list]] = {}
     clusters: dict[str, dict] = {}
     exact = near = 0
     for shard, path in shard_sigs:
         data = np.load(path, allow_pickle=True)
         scheme = str(data["scheme"])
-        for doc_id, h, sig in zip(data["ids"], data["hashes"], data["sigs"]):
+        for pos, (doc_id, h, sig) in enumerate(zip(data["ids"], data["hashes"], data["sigs"])):
             doc_id = str(doc_id)
             if h in seen_hash:
                 keeper, kind = seen_hash[h], "exact"
                 exact += 1
             else:
                 m = LeanMinHash(seed=cfg.seed, hashvalues=sig, scheme=scheme)
-                keeper, kind = None, "near"
+                best = None
                 for cand in lsh.query(m):
-                    if kept_sig[cand].jaccard(m) >= cfg.threshold:
-                        keeper = cand if keeper is None or cand < keeper else keeper
-                if keeper is None:
+                    if kept_sig[cand].jaccard(m) >= cfg.threshold and (best is None or cand < best):
+                        best = cand
+                if best is None:
                     seen_hash[h] = doc_id
-                    key = f"{shard}\x00{doc_id}"
+                    key = f"{shard}\x00{pos}"
                     lsh.insert(key, m)
                     kept_sig[key] = m
+                    kept_id[key] = doc_id
                     continue
-                keeper = keeper.split("\x00", 1)[1]
+                keeper, kind = kept_id[best], "near"
                 near += 1
                 seen_hash[h] = keeper
-            removed.setdefault(shard, {})[doc_id] = [kind, keeper]
+            removed.setdefault(shard, {})[str(pos)] = [kind, keeper, doc_id]
             cluster = clusters.setdefault(keeper, {"kept": keeper, "removed": []})
             cluster["removed"].append({"id": doc_id, "shard": shard, "kind": kind})
     return {"removed": removed, "clusters": list(clusters.values()), "exact": exact, "near": near}
@@ -118,9 +120,9 @@ def write_kept_shard(src: Path, dst: Path, removed: dict) -> dict:
     from collections import Counter
 
     kept, reasons, n_in = [], Counter(), 0
-    for rec in read_records(src):
+    for pos, rec in enumerate(read_records(src)):
         n_in += 1
-        hit = removed.get(str(rec["id"]))
+        hit = removed.get(str(pos))
         if hit is None:
             kept.append(rec)
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
 from typing import Callable, Iterator, Sequence
 
 from tqdm.auto import tqdm
@@ -46,7 +47,8 @@ def _run(fn, tasks, workers, engine, dask_address) -> Iterator[tuple[int, dict]]
         for i, t in enumerate(tasks):
             yield i, fn(t)
     else:
-        with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
+        # forkserver: workers never inherit a parent's threads (torch, tokenizers), which can deadlock a fork
+        with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=get_context("forkserver")) as pool:
             futures = {pool.submit(fn, t): i for i, t in enumerate(tasks)}
             for fut in as_completed(futures):
                 yield futures[fut], fut.result()

@@ -91,12 +91,12 @@ def documents_of(path: Path, kind: str, group: int) -> list[str]:
     raise Phi3Error(f"unknown document kind {kind!r} (expected auto, html, text or fortune)")
 
 
-def raw_files(paths: Iterable[str | os.PathLike], kind: str) -> list[Path]:
-    """Files under `paths` (directories walked, sorted) that the `kind` reads."""
-    files: list[Path] = []
+def raw_files(paths: Iterable[str | os.PathLike], kind: str) -> list[tuple[Path, str]]:
+    """(file, name relative to its root) under `paths` (directories walked, sorted) that `kind` reads."""
+    files: list[tuple[Path, str]] = []
     for p in map(Path, paths):
         if p.is_file():
-            files.append(p)
+            files.append((p, p.name))
         elif p.is_dir():
             for f in sorted(p.rglob("*")):
                 if not f.is_file() or f.name.startswith("."):
@@ -104,19 +104,19 @@ def raw_files(paths: Iterable[str | os.PathLike], kind: str) -> list[Path]:
                 name = f.name.removesuffix(".gz")
                 if kind == "fortune":
                     if "." not in name:  # fortune files have no suffix; their .dat indexes do
-                        files.append(f)
+                        files.append((f, f.relative_to(p).as_posix()))
                 elif name.endswith(HTML_SUFFIXES + TEXT_SUFFIXES) and (kind != "html" or name.endswith(HTML_SUFFIXES)):
-                    files.append(f)
+                    files.append((f, f.relative_to(p).as_posix()))
         else:
             raise Phi3Error(f"{p}: no such file or directory")
     return files
 
 
 def iter_records(paths, source: str, kind: str = "auto", group: int = 10, min_chars: int = 1) -> Iterator[dict]:
-    for f in raw_files(paths, kind):
+    for f, rel in raw_files(paths, kind):
         for j, doc in enumerate(documents_of(f, kind, group)):
             if len(doc.strip()) >= min_chars:
-                yield {"id": f"{source}/{f.name}#{j}", "text": doc, "source": source, "path": str(f)}
+                yield {"id": f"{source}/{rel}#{j}", "text": doc, "source": source, "path": str(f)}
 
 
 def ingest(paths, out_dir: str | os.PathLike, source: str, kind: str = "auto", group: int = 10,
