@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 MSG    ?=
 
-.PHONY: setup chat test test-slow clean
+.PHONY: setup chat test test-slow data-deps bench-data clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,11 +19,19 @@ setup: $(BIN)/.installed
 chat: setup
 	$(BIN)/phi3 chat $(if $(MSG),"$(MSG)",)
 
-test: setup
+test: setup data-deps
 	$(BIN)/python -m pytest -q
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# Debian packages with the offline text the data-pipeline tests read (root or sudo; CI runs it).
+data-deps:
+	bash .ci/data-deps
+
+bench-data: setup data-deps
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check datatrove 'xxhash<4' orjson spacy
+	$(BIN)/python bench/data.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

