@@ -30,26 +30,27 @@ COMPUTE_DTYPE = torch.bfloat16
 class Int8Linear(nn.Module):
     compute_dtype = COMPUTE_DTYPE
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = qweight.shape
         # saved through `stored()`, not state_dict (see `quantized_state_dict`)
         self.register_buffer("qweight", qweight, persistent=False)  # int8 [out, in]
         self.register_buffer("scales", scales, persistent=False)  # fp32 [out]
+        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)  # kept as is [out]
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor) -> "Int8Linear":
+    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
         w = weight.detach().float()
         scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
         q = torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8)
-        return cls(q, scales)
+        return cls(q, scales, bias)
 
     def stored(self) -> dict[str, torch.Tensor]:
-        return {"qweight": self.qweight, "scales": self.scales}
+        return _with_bias({"qweight": self.qweight, "scales": self.scales}, self.bias)
 
     @classmethod
     def from_stored(cls, t: dict[str, torch.Tensor], group_size: int | None = None, dtype=None) -> "Int8Linear":
-        return cls(t["qweight"], t["scales"].float())
+        return cls(t["qweight"], t["scales"].float(), _bias(t, dtype))
 
     def dequantize(self) -> torch.Tensor:
         return self.qweight.float() * self.scales[:, None]
@@ -58,7 +59,20 @@ class Int8Linear(nn.Module):
         shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, shape[-1]).to(self.compute_dtype)  # [tokens, in]
         y = torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales.to(self.compute_dtype))
-        return y.view(*shape[:-1], self.out_features).to(dtype)
+        return _add_bias(y.view(*shape[:-1], self.out_features).to(dtype), self.bias)
+
+
+def _with_bias(stored: dict[str, torch.Tensor], bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    return stored if bias is None else {**stored, "bias": bias}
+
+
+def _bias(t: dict[str, torch.Tensor], dtype) -> torch.Tensor | None:
+    b = t.get("bias")
+    return None if b is None else b.to(dtype) if dtype is not None else b
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y + bias.to(y.dtype)
 
 
 FP16_MAX = 65504.0
@@ -96,9 +110,11 @@ class Int4Linear(nn.Module):
 
     compute_dtype = COMPUTE_DTYPE
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int):
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = qweight.shape[0], qweight.shape[1] * 2
+        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)  # kept as is [out]
         self.group_size = group_size
         self.qweight = qweight  # uint8 [out, in/2], the file layout (not a buffer: never copied)
         self.scales, self.mins = scales.to(torch.float16), mins.to(torch.float16)  # [out, in/group]
@@ -111,16 +127,16 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", sz.to(self.compute_dtype), persistent=False)
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, group_size: int) -> "Int4Linear":
+    def quantize(cls, weight: torch.Tensor, group_size: int, bias: torch.Tensor | None = None) -> "Int4Linear":
         q, scales, mins = quantize_int4(weight, group_size)
-        return cls(pack_nibbles(q), scales, mins, group_size)
+        return cls(pack_nibbles(q), scales, mins, group_size, bias)
 
     @classmethod
     def from_stored(cls, t: dict[str, torch.Tensor], group_size: int, dtype=None) -> "Int4Linear":
-        return cls(t["qweight"], t["scales"], t["mins"], group_size)
+        return cls(t["qweight"], t["scales"], t["mins"], group_size, _bias(t, dtype))
 
     def stored(self) -> dict[str, torch.Tensor]:
-        return {"qweight": self.qweight, "scales": self.scales, "mins": self.mins}
+        return _with_bias({"qweight": self.qweight, "scales": self.scales, "mins": self.mins}, self.bias)
 
     def dequantize(self) -> torch.Tensor:
         q = unpack_nibbles(self.qweight).view(self.out_features, -1, self.group_size).float()
@@ -131,7 +147,7 @@ class Int4Linear(nn.Module):
         shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, shape[-1]).to(self.compute_dtype)  # [tokens, in]
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
-        return y.view(*shape[:-1], self.out_features).to(dtype)
+        return _add_bias(y.view(*shape[:-1], self.out_features).to(dtype), self.bias)
 
 
 class Int8Embedding(nn.Module):
@@ -205,8 +221,9 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, head_b
         if b == 4 and linear.in_features % group_size:
             raise ConfigError(f"{name}: in_features {linear.in_features} is not a multiple of group_size {group_size}")
     for name, b in plan.items():
-        weight = model.get_submodule(name).weight
-        _set_module(model, name, Int8Linear.quantize(weight) if b == 8 else Int4Linear.quantize(weight, group_size))
+        linear = model.get_submodule(name)
+        weight, bias = linear.weight, linear.bias
+        _set_module(model, name, Int8Linear.quantize(weight, bias) if b == 8 else Int4Linear.quantize(weight, group_size, bias))
     if embedding_bits == 8:
         plan["model.embed_tokens"] = 8
         _set_module(model, "model.embed_tokens", Int8Embedding.quantize(model.model.embed_tokens.weight))
@@ -244,6 +261,8 @@ def load_quantized_modules(model: nn.Module, qcfg: dict, tensors: dict[str, torc
             if full not in tensors:
                 raise CheckpointError(f"{source}: missing tensor {full} (quantized {bits}-bit module {name})")
             parts[key] = tensors.pop(full)
+        if cls is not Int8Embedding and f"{name}.bias" in tensors:  # a biased linear keeps its bias as is
+            parts["bias"] = tensors.pop(f"{name}.bias")
         _set_module(model, name, cls.from_stored(parts, group, dtype))
 
 
