@@ -167,10 +167,10 @@ def test_sparse_layers_are_really_sparse():
 def test_greedy_decode_with_cache_equals_without():
     raw, sd, ours = make()
     prompts = [torch.randint(8, 120, (37,)).tolist(), torch.randint(8, 120, (20,)).tolist()]
-    steps = list(generate_tokens(ours, prompts, SamplingParams(max_new_tokens=40)))
+    steps = list(generate_tokens(ours, prompts, SamplingParams(max_new_tokens=24)))
     for row, prompt in enumerate(prompts):
         seq = list(prompt)
-        for _ in range(40):  # no cache: the whole sequence every step, through the reference
+        for _ in range(24):  # no cache: the whole sequence every step, through the reference
             with torch.no_grad():
                 seq.append(int(reference_logits(raw, sd, torch.tensor([seq]))[0, -1].argmax()))
         assert [s[row] for s in steps] == seq[len(prompt):]
@@ -220,3 +220,24 @@ def test_quantized(tmp_path):
     save_hf_checkpoint(ours, tmp_path)
     with torch.no_grad():
         assert torch.equal(load_hf_checkpoint(tmp_path)(ids), q)
+
+
+def test_runs_through_phi3_load_and_the_cli(tmp_path, capsys):
+    """Full 100352-token vocabulary with the cl100k_base tokenizer: phi3.load(dir) and `phi3 generate --model DIR`."""
+    import phi3
+    from phi3.cli import main
+    from phi3.tiktoken_tokenizer import Phi3SmallTokenizer
+
+    _, _, ours = make(vocab_size=100352, dummy_token_indices=None)
+    save_hf_checkpoint(ours, tmp_path, tokenizer=Phi3SmallTokenizer())
+    lm = phi3.load(tmp_path)
+    assert isinstance(lm.model, Phi3SmallForCausalLM) and isinstance(lm.tokenizer, Phi3SmallTokenizer)
+    prompt = lm.encode("The sky is")
+    no_stop = frozenset()
+    expected = [s[0] for s in generate_tokens(ours, [prompt], SamplingParams(max_new_tokens=6, stop_token_ids=no_stop))]
+    assert all(t not in ours.config.dummy_token_indices for t in expected)  # masked logits are never chosen
+    text = lm.generate("The sky is", max_new_tokens=6, stop_token_ids=no_stop)
+    assert text.strip() == lm.tokenizer.decode(expected).strip()
+    assert lm.chat_prompt("Hi")[:2] == [100257, 100262]
+    assert main(["generate", "The sky is", "--model", str(tmp_path), "-n", "6", "-t", "0"]) == 0
+    assert capsys.readouterr().out.strip() == lm.generate("The sky is", max_new_tokens=6).strip()

@@ -225,3 +225,24 @@ def test_quantized_experts(tmp_path, bits):
     back = load_hf_checkpoint(tmp_path)
     with torch.no_grad():
         assert torch.equal(back(ids), q)
+
+
+def test_runs_through_phi3_load_and_the_cli(tmp_path, capsys):
+    """With the Phi-3 tokenizer (llama.cpp's vocabulary file): phi3.load(dir) and `phi3 generate --model DIR`."""
+    import phi3
+    from phi3.cli import main
+    from phi3.tokenizer import Tokenizer
+
+    from ..conftest import SHARED
+
+    tok = Tokenizer.from_gguf(SHARED / "tokenizer" / "ggml-vocab-phi-3.gguf")
+    _, ours = make_pair(vocab_size=32064)
+    save_hf_checkpoint(ours, tmp_path, tokenizer=tok)
+    lm = phi3.load(tmp_path)
+    assert isinstance(lm.model, PhiMoEForCausalLM)
+    prompt = lm.encode("The sky is")
+    expected = [s[0] for s in generate_tokens(ours, [prompt], SamplingParams(max_new_tokens=5, stop_token_ids=frozenset()))]
+    text = lm.generate("The sky is", max_new_tokens=5, stop_token_ids=frozenset())
+    assert text.strip() == tok.decode(expected).strip()
+    assert main(["generate", "The sky is", "--model", str(tmp_path), "-n", "5", "-t", "0"]) == 0
+    assert capsys.readouterr().out.strip() == lm.generate("The sky is", max_new_tokens=5).strip()
