@@ -67,34 +67,49 @@ def _vertical_positions(pattern: SparsePattern, before_block: int, device) -> tu
     return torch.where(valid, pos, 0), valid
 
 
-def blocksparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern, scale: float,
-                        chunk_blocks: int = 4) -> torch.Tensor:
-    """Block-sparse causal attention for a sequence at positions 0..T-1.
+def blocksparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern,
+                        scale: float) -> torch.Tensor:
+    """Block-sparse causal attention for a sequence at positions 0..T-1, one query block at a time.
 
-    q [b, H, T, d], k/v [b, KV, T, d] -> [b, H, T, d]. Each chunk of `chunk_blocks` query blocks reads
-    its band slice (NL + chunk_blocks - 1 blocks) and its heads' vertical blocks before that slice.
+    q [b, H, T, d], k/v [b, KV, T, d] -> [b, H, T, d]. Query block qb reads only
+    - its band: key blocks qb-NL+1 .. qb, shared by the G query heads of a KV head (one matmul per KV
+      head, queries of the G heads stacked), causal inside the diagonal block;
+    - its heads' vertical blocks before the band: a prefix of each head's vertical keys, gathered once.
+    Scores of the two parts are concatenated, softmaxed together in fp32 and applied to the values.
     """
     b, H, T, d = q.shape
-    KV, B, NL = k.shape[1], pattern.block, pattern.local_blocks
-    head_kv = torch.arange(H, device=q.device) // (H // KV)  # [H]: the KV head of each query head
+    KV, B, NL, V = k.shape[1], pattern.block, pattern.local_blocks, pattern.vert_stride
+    G = H // KV
+    n_blocks = (T + B - 1) // B
+    head_kv = torch.arange(H, device=q.device) // G
+    phase = pattern.phases().to(q.device)  # [H]
+    index, _ = _vertical_positions(pattern, n_blocks, q.device)  # [H, n]: each head's vertical keys, by block
+    index = index.clamp(max=T - 1)  # the tail of a partial last block is never read (it is never "before a band")
+    k_vert, v_vert = k[:, head_kv[:, None], index], v[:, head_kv[:, None], index]  # [b, H, n, d]
+    causal = torch.ones(B, B, dtype=torch.bool, device=q.device).tril()
     out = torch.empty_like(q)
-    for c0 in range(0, (T + B - 1) // B, chunk_blocks):
-        q_lo, q_hi = c0 * B, min(T, (c0 + chunk_blocks) * B)
-        band_block = max(0, c0 - NL + 1)  # first block of the band slice
-        k_lo = band_block * B
-        q_pos = torch.arange(q_lo, q_hi, device=q.device)
-        k_pos = torch.arange(k_lo, q_hi, device=q.device)
-        mask = pattern.allowed(q_pos, k_pos)  # [H, Tq, S] inside the slice
-        k_slice = k[:, head_kv, k_lo:q_hi]  # [b, H, S, d]
-        v_slice = v[:, head_kv, k_lo:q_hi]
-        if band_block > 0:  # vertical blocks before the slice: fully visible to every query of the chunk
-            index, valid = _vertical_positions(pattern, band_block, q.device)  # [H, n]
-            k_vert = k[:, head_kv[:, None], index]  # [b, H, n, d]
-            v_vert = v[:, head_kv[:, None], index]
-            k_slice, v_slice = torch.cat((k_vert, k_slice), 2), torch.cat((v_vert, v_slice), 2)
-            mask = torch.cat((valid[:, None, :].expand(-1, q_hi - q_lo, -1), mask), 2)
-        out[:, :, q_lo:q_hi] = F.scaled_dot_product_attention(q[:, :, q_lo:q_hi], k_slice, v_slice,
-                                                              attn_mask=mask, scale=scale)
+    for qb in range(n_blocks):
+        lo, hi = qb * B, min(T, (qb + 1) * B)
+        n = hi - lo
+        band_lo = max(0, qb - NL + 1) * B
+        q_blk = q[:, :, lo:hi]  # [b, H, n, d]
+        s_band = torch.matmul(q_blk.reshape(b, KV, G * n, d), k[:, :, band_lo:hi].transpose(-1, -2))
+        s_band = s_band.view(b, H, n, hi - band_lo).float() * scale  # [b, H, n, S_band]
+        s_band[..., -n:].masked_fill_(~causal[:n, :n], float("-inf"))
+        first_band_block = max(0, qb - NL + 1)
+        count = ((first_band_block - phase + V - 1) // V).clamp(min=0)  # [H] vertical blocks before the band
+        n_vert = int(count.max()) * B
+        if n_vert:
+            s_vert = torch.matmul(q_blk, k_vert[:, :, :n_vert].transpose(-1, -2)).float() * scale  # [b, H, n, n_vert]
+            seen = torch.arange(n_vert, device=q.device) < (count * B)[:, None]  # [H, n_vert]
+            s_vert.masked_fill_(~seen[:, None, :], float("-inf"))
+            probs = torch.cat((s_vert, s_band), -1).softmax(-1).to(q.dtype)
+            p_vert, p_band = probs[..., :n_vert], probs[..., n_vert:]
+            o = torch.matmul(p_vert, v_vert[:, :, :n_vert])
+        else:
+            p_band, o = s_band.softmax(-1).to(q.dtype), 0
+        o_band = torch.matmul(p_band.reshape(b, KV, G * n, -1), v[:, :, band_lo:hi]).view(b, H, n, d)
+        out[:, :, lo:hi] = o + o_band
     return out
 
 
@@ -134,6 +149,11 @@ class SparseKVCache(nn.Module):
         self.register_buffer("slot_of_phase", slot_of_phase.to(device), persistent=False)
         self.register_buffer("phase_of_slot", phase_of_slot.to(device), persistent=False)
         self.register_buffer("lengths", torch.zeros(batch, dtype=torch.long, device=device), persistent=False)
+        # position held by each vertical-store entry, flattened like the store: [KV, cycles*P*B] (-1: unused slot)
+        block = torch.arange(self.cycles)[None, :, None] * V + phase_of_slot[:, None, :]  # [KV, cycles, P]
+        vert_pos = torch.where(phase_of_slot[:, None, :, None] >= 0, block[..., None] * B + torch.arange(B), -1)
+        self.register_buffer("vert_pos", vert_pos.reshape(kv_heads, -1).to(device), persistent=False)
+        self.register_buffer("head_phase", phases.to(device), persistent=False)  # [KV, G]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.ring_k, self.ring_v, self.vert_k, self.vert_v))
@@ -170,12 +190,10 @@ class SparseKVCache(nn.Module):
         B, V = self.pattern.block, self.pattern.vert_stride
         cycles = min(self.cycles, max(1, math.ceil(int(self.lengths.max()) / (V * B))))
         b, KV, _, P, _, d = self.vert_k.shape
-        k = self.vert_k[:, :, :cycles].reshape(b, KV, cycles * P * B, d)
-        v = self.vert_v[:, :, :cycles].reshape(b, KV, cycles * P * B, d)
-        block = torch.arange(cycles, device=k.device)[None, :, None] * V + self.phase_of_slot[:, None, :]  # [KV, c, P]
-        pos = block[..., None] * B + torch.arange(B, device=k.device)  # [KV, c, P, B]
-        pos = torch.where(self.phase_of_slot[:, None, :, None] >= 0, pos, -1)
-        return k, v, pos.reshape(KV, -1)
+        n = cycles * P * B
+        k = self.vert_k[:, :, :cycles].reshape(b, KV, n, d)
+        v = self.vert_v[:, :, :cycles].reshape(b, KV, n, d)
+        return k, v, self.vert_pos[:, :n]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention of q [b, H, Tq, d] (positions q_pos [b, Tq]) over the cached past plus this chunk's
@@ -189,7 +207,7 @@ class SparseKVCache(nn.Module):
         KV = k.shape[1]
         G = H // KV
         qg = q.reshape(b, KV, G * Tq, d)  # [b, KV, G*Tq, d]: the query heads of each KV head together
-        phase = p.phases().to(q.device).view(KV, G)  # [KV, G]
+        phase = self.head_phase  # [KV, G]
         qb = (q_pos // B)[:, None, None, :, None]  # [b, 1, 1, Tq, 1]
         q_ok = (q_pos >= 0)[:, None, None, :, None]
 

@@ -63,7 +63,7 @@ def test_pattern_matches_spec_formula_for_the_release():
 def test_prefill_equals_dense_with_explicit_mask(pattern, T):
     q, k, v = qkv(pattern, T)
     scale = 1 / 16
-    got = blocksparse_prefill(q, k, v, pattern, scale, chunk_blocks=2)
+    got = blocksparse_prefill(q, k, v, pattern, scale)
     expected = reference_attention(q, k, v, pattern, scale)
     assert (got - expected).abs().max() < 1e-5
 
