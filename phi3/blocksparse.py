@@ -8,8 +8,9 @@ with step = 0 for a homogeneous pattern, else max(1, V // n_heads). So each quer
 its own block and the NL - 1 before it, plus every V-th older block ("vertical" blocks, phase set by head).
 
 Two kernels, both exact:
-- `blocksparse_prefill`: a whole sequence from position 0. Queries go in chunks of a few blocks; a chunk
-  touches only its band (one contiguous key slice) and, per head, that head's vertical blocks before it.
+- `blocksparse_prefill`: a whole sequence from position 0, one query block at a time; a block touches
+  only its band (one contiguous key slice, shared by a KV head's query heads) and, per head, that
+  head's vertical blocks before the band.
 - `SparseKVCache.attend`: decode and chunked prefill against a cache that keeps only what can still be
   attended: a ring of the last NL·B positions, plus the vertical blocks of the heads that read each KV
   head. With GQA the KV heads are shared, so a KV head keeps the union of its query heads' phases.
@@ -21,7 +22,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
