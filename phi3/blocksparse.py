@@ -87,6 +87,7 @@ def blocksparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
     index = index.clamp(max=T - 1)  # the tail of a partial last block is never read (it is never "before a band")
     k_vert, v_vert = k[:, head_kv[:, None], index], v[:, head_kv[:, None], index]  # [b, H, n, d]
     causal = torch.ones(B, B, dtype=torch.bool, device=q.device).tril()
+    q = q * scale  # scaling the queries once instead of every score
     out = torch.empty_like(q)
     for qb in range(n_blocks):
         lo, hi = qb * B, min(T, (qb + 1) * B)
@@ -94,13 +95,13 @@ def blocksparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
         band_lo = max(0, qb - NL + 1) * B
         q_blk = q[:, :, lo:hi]  # [b, H, n, d]
         s_band = torch.matmul(q_blk.reshape(b, KV, G * n, d), k[:, :, band_lo:hi].transpose(-1, -2))
-        s_band = s_band.view(b, H, n, hi - band_lo).float() * scale  # [b, H, n, S_band]
+        s_band = s_band.view(b, H, n, hi - band_lo).float()  # [b, H, n, S_band]
         s_band[..., -n:].masked_fill_(~causal[:n, :n], float("-inf"))
         first_band_block = max(0, qb - NL + 1)
         count = ((first_band_block - phase + V - 1) // V).clamp(min=0)  # [H] vertical blocks before the band
         n_vert = int(count.max()) * B
         if n_vert:
-            s_vert = torch.matmul(q_blk, k_vert[:, :, :n_vert].transpose(-1, -2)).float() * scale  # [b, H, n, n_vert]
+            s_vert = torch.matmul(q_blk, k_vert[:, :, :n_vert].transpose(-1, -2)).float()  # [b, H, n, n_vert]
             seen = torch.arange(n_vert, device=q.device) < (count * B)[:, None]  # [H, n_vert]
             s_vert.masked_fill_(~seen[:, None, :], float("-inf"))
             probs = torch.cat((s_vert, s_band), -1).softmax(-1).to(q.dtype)
