@@ -75,7 +75,7 @@ def blocksparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
     - its band: key blocks qb-NL+1 .. qb, shared by the G query heads of a KV head (one matmul per KV
       head, queries of the G heads stacked), causal inside the diagonal block;
     - its heads' vertical blocks before the band: a prefix of each head's vertical keys, gathered once.
-    Scores of the two parts are concatenated, softmaxed together in fp32 and applied to the values.
+    One softmax (in fp32) runs over the scores of both parts, without concatenating them.
     """
     b, H, T, d = q.shape
     KV, B, NL, V = k.shape[1], pattern.block, pattern.local_blocks, pattern.vert_stride
@@ -100,17 +100,21 @@ def blocksparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
         first_band_block = max(0, qb - NL + 1)
         count = ((first_band_block - phase + V - 1) // V).clamp(min=0)  # [H] vertical blocks before the band
         n_vert = int(count.max()) * B
+        top = s_band.amax(-1, keepdim=True)  # [b, H, n, 1]; finite: the diagonal key is always visible
         if n_vert:
             s_vert = torch.matmul(q_blk, k_vert[:, :, :n_vert].transpose(-1, -2)).float()  # [b, H, n, n_vert]
             seen = torch.arange(n_vert, device=q.device) < (count * B)[:, None]  # [H, n_vert]
             s_vert.masked_fill_(~seen[:, None, :], float("-inf"))
-            probs = torch.cat((s_vert, s_band), -1).softmax(-1).to(q.dtype)
-            p_vert, p_band = probs[..., :n_vert], probs[..., n_vert:]
-            o = torch.matmul(p_vert, v_vert[:, :, :n_vert])
-        else:
-            p_band, o = s_band.softmax(-1).to(q.dtype), 0
-        o_band = torch.matmul(p_band.reshape(b, KV, G * n, -1), v[:, :, band_lo:hi]).view(b, H, n, d)
-        out[:, :, lo:hi] = o + o_band
+            top = torch.maximum(top, s_vert.amax(-1, keepdim=True))
+        # softmax over both parts without concatenating them: exp(s - top) / Σ exp(s - top)
+        p_band = s_band.sub_(top).exp_()
+        total = p_band.sum(-1, keepdim=True)
+        o_band = torch.matmul(p_band.to(q.dtype).view(b, KV, G * n, -1), v[:, :, band_lo:hi]).view(b, H, n, d)
+        if n_vert:
+            p_vert = s_vert.sub_(top).exp_()
+            total = total + p_vert.sum(-1, keepdim=True)
+            o_band = o_band + torch.matmul(p_vert.to(q.dtype), v_vert[:, :, :n_vert])
+        out[:, :, lo:hi] = o_band / total.to(q.dtype)
     return out
 
 
