@@ -117,6 +117,14 @@ def download_from_hub(repo_id: str) -> Path:
                         f"Download it elsewhere and pass the local directory with --model.") from None
 
 
+def tokenizer_for_dir(path: Path, cfg: ModelConfig):
+    """tokenizer.json when present; Phi-3-small checkpoints (remote-code tiktoken tokenizer) get cl100k_base."""
+    if cfg.model_type == "phi3small" and not (path / "tokenizer.json").is_file():
+        from .tiktoken_tokenizer import Phi3SmallTokenizer
+        return Phi3SmallTokenizer.from_dir(path)
+    return Tokenizer.from_dir(path)
+
+
 def load(model: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
          dequantize: bool = False) -> LanguageModel:
     """Load a model and its tokenizer: HF directory, GGUF file, Hub id, or the default model (None).
@@ -125,7 +133,8 @@ def load(model: str | os.PathLike | None = None, dtype: str | torch.dtype | None
     which gives the full-precision model that `transformers` would build from the same file."""
     path = resolve(model)
     if path.is_dir():
-        return LanguageModel(load_hf_checkpoint(path, dtype), Tokenizer.from_dir(path), str(path))
+        model = load_hf_checkpoint(path, dtype)
+        return LanguageModel(model, tokenizer_for_dir(path, model.config), str(path))
     if not is_gguf_file(path):
         raise CheckpointError(f"{path}: not a GGUF file (bad magic) and not an HF model directory")
     net, tok = load_gguf_model(path, dtype, dequantize)

@@ -66,6 +66,17 @@ def split_to_llama_layout(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
 
 
 # ---- building a model from tensors ------------------------------------------------------------
+def model_class(cfg: ModelConfig) -> type[torch.nn.Module]:
+    """The model class of a config's family (dense Phi-3 / Llama layout by default)."""
+    if cfg.model_type == "phi3small":
+        from .models.phi3small import Phi3SmallForCausalLM
+        return Phi3SmallForCausalLM
+    if cfg.model_type == "phimoe":
+        from .models.phimoe import PhiMoEForCausalLM
+        return PhiMoEForCausalLM
+    return Phi3ForCausalLM
+
+
 def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
                 source: str = "checkpoint") -> Phi3ForCausalLM:
     """Assign `state_dict` (HF names, either layout) to a model built without allocating weights."""
@@ -78,7 +89,7 @@ def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: to
     if tied:
         sd.pop("lm_head.weight", None)
     with torch.device("meta"):
-        model = Phi3ForCausalLM(cfg)
+        model = model_class(cfg)(cfg)
     if qcfg:  # quantized linears are built from their stored tensors, one at a time
         load_quantized_modules(model, qcfg, sd, source, dtype)
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -99,7 +110,10 @@ def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: to
     model.load_state_dict(sd, strict=False, assign=True)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.rotary = RotaryEmbedding(cfg)  # buffers were on the meta device
+    if hasattr(model, "reset_buffers"):  # buffers were on the meta device
+        model.reset_buffers()
+    else:
+        model.rotary = RotaryEmbedding(cfg)
     return model.eval()
 
 

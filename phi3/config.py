@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,7 @@ class ModelConfig:
         if model_type not in LAYOUTS:
             raise ConfigError(
                 f"{source}: unsupported model_type {model_type!r} "
-                f"(this loader handles {sorted(LAYOUTS)}; architectures={cfg.get('architectures')})"
+                f"(this loader handles {sorted(LAYOUTS) + ['phi3small', 'phimoe']}; architectures={cfg.get('architectures')})"
             )
 
         def get(key, typ, default=..., positive=False):
@@ -237,7 +237,25 @@ def read_config_file(path: str | Path) -> ModelConfig:
         raise ConfigError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: unreadable config ({e})") from None
-    return ModelConfig.from_hf_dict(raw, source=str(path))
+    return config_from_hf_dict(raw, source=str(path))
+
+
+def config_from_hf_dict(raw: Any, source: str = "config.json") -> ModelConfig:
+    """The config class of the checkpoint's family, chosen by `model_type` (dense Phi-3/Llama by default)."""
+    kind = raw.get("model_type") if isinstance(raw, dict) else None
+    if kind == "phi3small":
+        from .models.phi3small import Phi3SmallConfig
+        return Phi3SmallConfig.from_hf_dict(raw, source)
+    if kind == "phimoe":
+        from .models.phimoe import PhiMoEConfig
+        return PhiMoEConfig.from_hf_dict(raw, source)
+    return ModelConfig.from_hf_dict(raw, source)
+
+
+def base_fields(raw: dict, source: str) -> dict:
+    """The shared ModelConfig fields parsed (and validated) from a raw dict, for the family configs."""
+    base = ModelConfig.from_hf_dict(raw, source)
+    return {f.name: getattr(base, f.name) for f in fields(ModelConfig)}
 
 
 def list_presets() -> list[str]:

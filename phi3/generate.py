@@ -151,7 +151,7 @@ def generate_tokens(model, prompts: list[list[int]], params: SamplingParams,
     rng = torch.Generator(device=device)
     rng.manual_seed(params.seed if params.seed is not None else torch.seed())
 
-    cache = Cache(model, batch, total, device=device)
+    cache = model.new_cache(batch, total, device=device) if hasattr(model, "new_cache") else Cache(model, batch, total, device=device)
     rotary = model.rotary
     logits = prefill(model, ids[:, :longest], pos[:, :longest], cache, seq_len=longest)
     cache_long = rotary.uses_long_factors(longest)

@@ -37,11 +37,12 @@ class Int8Linear(nn.Module):
 
     compute_dtype = COMPUTE_DTYPE
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor):
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = qweight.shape
         self.group_size = None if scales.dim() == 1 else self.in_features // scales.shape[1]
         # saved through `stored()`, not state_dict (see `quantized_state_dict`)
+        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)  # kept as is [out]
         self.register_buffer("scales", scales, persistent=False)  # fp32 [out] or fp16 [out, in/group]
         self._qweight = qweight  # int8 [out, in]; grouped: rebuilt from the kernel layout when needed
         if self.group_size is None:
@@ -69,19 +70,19 @@ class Int8Linear(nn.Module):
         return (16 * hi + lo - 128).to(torch.int8)
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor) -> "Int8Linear":
+    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
         w = weight.detach().float()
         scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
         q = torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8)
-        return cls(q, scales)
+        return cls(q, scales, bias)
 
     def stored(self) -> dict[str, torch.Tensor]:
-        return {"qweight": self.qweight, "scales": self.scales}
+        return _with_bias({"qweight": self.qweight, "scales": self.scales}, self.bias)
 
     @classmethod
     def from_stored(cls, t: dict[str, torch.Tensor], group_size: int | None = None, dtype=None) -> "Int8Linear":
         scales = t["scales"]
-        return cls(t["qweight"], scales.float() if scales.dim() == 1 else scales.half())
+        return cls(t["qweight"], scales.float() if scales.dim() == 1 else scales.half(), _bias(t, dtype))
 
     def dequantize(self) -> torch.Tensor:
         if self.group_size is None:
@@ -97,7 +98,20 @@ class Int8Linear(nn.Module):
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.cat((x, x), dim=1), self.packed,
                                                            self.group_size, self.scales_and_zeros)
-        return y.view(*shape[:-1], self.out_features).to(dtype)
+        return _add_bias(y.view(*shape[:-1], self.out_features).to(dtype), self.bias)
+
+
+def _with_bias(stored: dict[str, torch.Tensor], bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    return stored if bias is None else {**stored, "bias": bias}
+
+
+def _bias(t: dict[str, torch.Tensor], dtype) -> torch.Tensor | None:
+    b = t.get("bias")
+    return None if b is None else b.to(dtype) if dtype is not None else b
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y + bias.to(y.dtype)
 
 
 FP16_MAX = 65504.0
@@ -171,9 +185,11 @@ class Int4Linear(nn.Module):
 
     compute_dtype = COMPUTE_DTYPE
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int):
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = qweight.shape[0], qweight.shape[1] * 2
+        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)  # kept as is [out]
         self.group_size = group_size
         self.scales, self.mins = scales.to(torch.float16), mins.to(torch.float16)  # [out, in/group]
         q = unpack_nibbles(qweight)  # int32 [out, in], one layer at a time
@@ -196,16 +212,16 @@ class Int4Linear(nn.Module):
         return pack_nibbles(unpack_kernel_int4(self.packed, self.out_features, self.in_features))
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, group_size: int) -> "Int4Linear":
+    def quantize(cls, weight: torch.Tensor, group_size: int, bias: torch.Tensor | None = None) -> "Int4Linear":
         q, scales, mins = quantize_int4(weight, group_size)
-        return cls(pack_nibbles(q), scales, mins, group_size)
+        return cls(pack_nibbles(q), scales, mins, group_size, bias)
 
     @classmethod
     def from_stored(cls, t: dict[str, torch.Tensor], group_size: int, dtype=None) -> "Int4Linear":
-        return cls(t["qweight"], t["scales"], t["mins"], group_size)
+        return cls(t["qweight"], t["scales"], t["mins"], group_size, _bias(t, dtype))
 
     def stored(self) -> dict[str, torch.Tensor]:
-        return {"qweight": self.qweight, "scales": self.scales, "mins": self.mins}
+        return _with_bias({"qweight": self.qweight, "scales": self.scales, "mins": self.mins}, self.bias)
 
     def dequantize(self) -> torch.Tensor:
         q = unpack_nibbles(self.qweight).view(self.out_features, -1, self.group_size).float()
@@ -216,7 +232,7 @@ class Int4Linear(nn.Module):
         shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, shape[-1]).to(self.compute_dtype)  # [tokens, in]
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
-        return y.view(*shape[:-1], self.out_features).to(dtype)
+        return _add_bias(y.view(*shape[:-1], self.out_features).to(dtype), self.bias)
 
 
 class Int8Embedding(nn.Module):
@@ -290,8 +306,9 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, head_b
         if b == 4 and linear.in_features % group_size:
             raise ConfigError(f"{name}: in_features {linear.in_features} is not a multiple of group_size {group_size}")
     for name, b in plan.items():
-        weight = model.get_submodule(name).weight
-        _set_module(model, name, Int8Linear.quantize(weight) if b == 8 else Int4Linear.quantize(weight, group_size))
+        linear = model.get_submodule(name)
+        weight, bias = linear.weight, linear.bias
+        _set_module(model, name, Int8Linear.quantize(weight, bias) if b == 8 else Int4Linear.quantize(weight, group_size, bias))
     if embedding_bits == 8:
         plan["model.embed_tokens"] = 8
         _set_module(model, "model.embed_tokens", Int8Embedding.quantize(model.model.embed_tokens.weight))
@@ -329,6 +346,8 @@ def load_quantized_modules(model: nn.Module, qcfg: dict, tensors: dict[str, torc
             if full not in tensors:
                 raise CheckpointError(f"{source}: missing tensor {full} (quantized {bits}-bit module {name})")
             parts[key] = tensors.pop(full)
+        if cls is not Int8Embedding and f"{name}.bias" in tensors:  # a biased linear keeps its bias as is
+            parts["bias"] = tensors.pop(f"{name}.bias")
         _set_module(model, name, cls.from_stored(parts, group, dtype))
 
 

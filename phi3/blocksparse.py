@@ -1,0 +1,241 @@
+"""Phi-3-small's block-sparse attention (spec §2.4), computed block by block so masked blocks cost nothing.
+
+Pattern (B = block size, NL = local blocks, V = vertical stride, query head h, qb = t // B, kb = s // B):
+
+    allowed(h, t, s) = s <= t  AND  ( qb - kb < NL  OR  (kb + h * step + 1) % V == 0 )
+
+with step = 0 for a homogeneous pattern, else max(1, V // n_heads). So each query sees a local band of
+its own block and the NL - 1 before it, plus every V-th older block ("vertical" blocks, phase set by head).
+
+Two kernels, both exact:
+- `blocksparse_prefill`: a whole sequence from position 0, one query block at a time; a block touches
+  only its band (one contiguous key slice, shared by a KV head's query heads) and, per head, that
+  head's vertical blocks before the band.
+- `SparseKVCache.attend`: decode and chunked prefill against a cache that keeps only what can still be
+  attended: a ring of the last NL·B positions, plus the vertical blocks of the heads that read each KV
+  head. With GQA the KV heads are shared, so a KV head keeps the union of its query heads' phases.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class SparsePattern:
+    block: int = 64
+    local_blocks: int = 16
+    vert_stride: int = 8
+    n_heads: int = 32  # query heads (global count: the phase depends on the head index)
+    homo_head: bool = False
+
+    @property
+    def step(self) -> int:
+        return 0 if self.homo_head else max(1, int(self.vert_stride / self.n_heads))
+
+    def phase(self, h: int) -> int:
+        """Head h's vertical blocks are kb ≡ phase (mod V)."""
+        return (-(h * self.step) - 1) % self.vert_stride
+
+    def phases(self) -> torch.Tensor:
+        return torch.tensor([self.phase(h) for h in range(self.n_heads)])
+
+    def allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """q_pos [..., Tq], k_pos [..., S] (absolute) -> bool [..., H, Tq, S]; negative positions see nothing."""
+        qb, kb = (q_pos // self.block)[..., None, :, None], (k_pos // self.block)[..., None, None, :]
+        phase = self.phases().to(q_pos.device)[:, None, None]  # [H, 1, 1]
+        band = qb - kb < self.local_blocks
+        vertical = kb % self.vert_stride == phase
+        causal = (k_pos[..., None, None, :] <= q_pos[..., None, :, None]) & (k_pos >= 0)[..., None, None, :]
+        return causal & (band | vertical) & (q_pos >= 0)[..., None, :, None]
+
+
+def _vertical_positions(pattern: SparsePattern, before_block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per head, the key positions of its vertical blocks kb < before_block, padded to the longest head.
+    -> index [H, n] (padding: 0) and valid [H, n]."""
+    B, V = pattern.block, pattern.vert_stride
+    phase = pattern.phases().to(device)  # [H]
+    n_blocks = max(0, (before_block + V - 1) // V)  # the most vertical blocks any head has
+    blocks = phase[:, None] + V * torch.arange(n_blocks, device=device)  # [H, nv]
+    valid_blocks = blocks < before_block
+    pos = (blocks[..., None] * B + torch.arange(B, device=device)).flatten(1)  # [H, nv*B]
+    valid = valid_blocks[..., None].expand(-1, -1, B).flatten(1)
+    return torch.where(valid, pos, 0), valid
+
+
+def blocksparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern,
+                        scale: float) -> torch.Tensor:
+    """Block-sparse causal attention for a sequence at positions 0..T-1, one query block at a time.
+
+    q [b, H, T, d], k/v [b, KV, T, d] -> [b, H, T, d]. Query block qb reads only
+    - its band: key blocks qb-NL+1 .. qb, shared by the G query heads of a KV head (one matmul per KV
+      head, queries of the G heads stacked), causal inside the diagonal block;
+    - its heads' vertical blocks before the band: a prefix of each head's vertical keys, gathered once.
+    One softmax (in fp32) runs over the scores of both parts, without concatenating them.
+    """
+    b, H, T, d = q.shape
+    KV, B, NL, V = k.shape[1], pattern.block, pattern.local_blocks, pattern.vert_stride
+    G = H // KV
+    n_blocks = (T + B - 1) // B
+    head_kv = torch.arange(H, device=q.device) // G
+    phase = pattern.phases().to(q.device)  # [H]
+    index, _ = _vertical_positions(pattern, n_blocks, q.device)  # [H, n]: each head's vertical keys, by block
+    index = index.clamp(max=T - 1)  # the tail of a partial last block is never read (it is never "before a band")
+    k_vert, v_vert = k[:, head_kv[:, None], index], v[:, head_kv[:, None], index]  # [b, H, n, d]
+    causal = torch.ones(B, B, dtype=torch.bool, device=q.device).tril()
+    q = q * scale  # scaling the queries once instead of every score
+    out = torch.empty_like(q)
+    for qb in range(n_blocks):
+        lo, hi = qb * B, min(T, (qb + 1) * B)
+        n = hi - lo
+        band_lo = max(0, qb - NL + 1) * B
+        q_blk = q[:, :, lo:hi]  # [b, H, n, d]
+        s_band = torch.matmul(q_blk.reshape(b, KV, G * n, d), k[:, :, band_lo:hi].transpose(-1, -2))
+        s_band = s_band.view(b, H, n, hi - band_lo).float()  # [b, H, n, S_band]
+        s_band[..., -n:].masked_fill_(~causal[:n, :n], float("-inf"))
+        first_band_block = max(0, qb - NL + 1)
+        count = ((first_band_block - phase + V - 1) // V).clamp(min=0)  # [H] vertical blocks before the band
+        n_vert = int(count.max()) * B
+        top = s_band.amax(-1, keepdim=True)  # [b, H, n, 1]; finite: the diagonal key is always visible
+        if n_vert:
+            s_vert = torch.matmul(q_blk, k_vert[:, :, :n_vert].transpose(-1, -2)).float()  # [b, H, n, n_vert]
+            seen = torch.arange(n_vert, device=q.device) < (count * B)[:, None]  # [H, n_vert]
+            s_vert.masked_fill_(~seen[:, None, :], float("-inf"))
+            top = torch.maximum(top, s_vert.amax(-1, keepdim=True))
+        # softmax over both parts without concatenating them: exp(s - top) / Σ exp(s - top)
+        p_band = s_band.sub_(top).exp_()
+        total = p_band.sum(-1, keepdim=True)
+        o_band = torch.matmul(p_band.to(q.dtype).view(b, KV, G * n, -1), v[:, :, band_lo:hi]).view(b, H, n, d)
+        if n_vert:
+            p_vert = s_vert.sub_(top).exp_()
+            total = total + p_vert.sum(-1, keepdim=True)
+            o_band = o_band + torch.matmul(p_vert.to(q.dtype), v_vert[:, :, :n_vert])
+        out[:, :, lo:hi] = o_band / total.to(q.dtype)
+    return out
+
+
+class SparseKVCache(nn.Module):
+    """The KV cache of one block-sparse layer, holding only keys that can still be attended.
+
+    - ring: the last R = NL·B positions of each row (slot = position mod R): every band a future query
+      can need. [b, KV, R, d], with the position held in each slot (-1 = empty).
+    - vertical store: block kb of KV head g is kept iff kb mod V is the phase of one of g's query heads.
+      [b, KV, cycles, P, B, d]: cycle = kb // V, P = slots for the group's phases.
+    Memory: R + T·P/V positions per KV head instead of T.
+    """
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, pattern: SparsePattern,
+                 dtype: torch.dtype, device=None):
+        super().__init__()
+        self.pattern = pattern
+        B, V, H = pattern.block, pattern.vert_stride, pattern.n_heads
+        group = H // kv_heads
+        phases = pattern.phases().view(kv_heads, group)  # [KV, G]
+        kept = [sorted(set(row.tolist())) for row in phases]
+        P = max(len(p) for p in kept)
+        slot_of_phase = torch.full((kv_heads, V), -1, dtype=torch.long)
+        phase_of_slot = torch.full((kv_heads, P), -1, dtype=torch.long)
+        for g, ps in enumerate(kept):
+            for i, ph in enumerate(ps):
+                slot_of_phase[g, ph], phase_of_slot[g, i] = i, ph
+        self.R = min(pattern.local_blocks * B, max_len)
+        self.cycles = max(1, math.ceil(max_len / (V * B)))
+        kw = dict(dtype=dtype, device=device)
+        self.register_buffer("ring_k", torch.zeros(batch, kv_heads, self.R, head_dim, **kw), persistent=False)
+        self.register_buffer("ring_v", torch.zeros(batch, kv_heads, self.R, head_dim, **kw), persistent=False)
+        self.register_buffer("ring_pos", torch.full((batch, self.R), -1, dtype=torch.long, device=device), persistent=False)
+        shape = (batch, kv_heads, self.cycles, P, B, head_dim)
+        self.register_buffer("vert_k", torch.zeros(shape, **kw), persistent=False)
+        self.register_buffer("vert_v", torch.zeros(shape, **kw), persistent=False)
+        self.register_buffer("slot_of_phase", slot_of_phase.to(device), persistent=False)
+        self.register_buffer("phase_of_slot", phase_of_slot.to(device), persistent=False)
+        self.register_buffer("lengths", torch.zeros(batch, dtype=torch.long, device=device), persistent=False)
+        # position held by each vertical-store entry, flattened like the store: [KV, cycles*P*B] (-1: unused slot)
+        block = torch.arange(self.cycles)[None, :, None] * V + phase_of_slot[:, None, :]  # [KV, cycles, P]
+        vert_pos = torch.where(phase_of_slot[:, None, :, None] >= 0, block[..., None] * B + torch.arange(B), -1)
+        self.register_buffer("vert_pos", vert_pos.reshape(kv_heads, -1).to(device), persistent=False)
+        self.register_buffer("head_phase", phases.to(device), persistent=False)  # [KV, G]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.ring_k, self.ring_v, self.vert_k, self.vert_v))
+
+    def reset(self) -> None:
+        self.ring_pos.fill_(-1)
+        self.lengths.zero_()
+
+    # ---- writing ------------------------------------------------------------------------------
+    def write(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        """k, v [b, KV, T, d] at absolute positions pos [b, T] (-1 = padding, not stored)."""
+        B, V = self.pattern.block, self.pattern.vert_stride
+        for r in range(k.shape[0]):
+            keep = pos[r] >= 0
+            p, kr, vr = pos[r][keep], k[r][:, keep], v[r][:, keep]  # [n], [KV, n, d]
+            if p.numel() == 0:
+                continue
+            recent = p > p.max() - self.R  # only the last R positions survive in the ring
+            slots = p[recent] % self.R
+            self.ring_k[r][:, slots], self.ring_v[r][:, slots] = kr[:, recent], vr[:, recent]
+            self.ring_pos[r, slots] = p[recent]
+            block = p // B
+            vslot = self.slot_of_phase[:, block % V]  # [KV, n]: -1 when no query head of g needs it
+            g, i = torch.nonzero(vslot >= 0, as_tuple=True)
+            if g.numel():
+                where = (g, (block // V)[i], vslot[g, i], (p % B)[i])
+                self.vert_k[r].index_put_(where, kr[g, i])
+                self.vert_v[r].index_put_(where, vr[g, i])
+            self.lengths[r] = torch.maximum(self.lengths[r], p.max() + 1)
+
+    # ---- reading ------------------------------------------------------------------------------
+    def _vertical_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The written part of the vertical store: k, v [b, KV, n, d] and positions [KV, n] (-1 = none)."""
+        B, V = self.pattern.block, self.pattern.vert_stride
+        cycles = min(self.cycles, max(1, math.ceil(int(self.lengths.max()) / (V * B))))
+        b, KV, _, P, _, d = self.vert_k.shape
+        n = cycles * P * B
+        k = self.vert_k[:, :, :cycles].reshape(b, KV, n, d)
+        v = self.vert_v[:, :, :cycles].reshape(b, KV, n, d)
+        return k, v, self.vert_pos[:, :n]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention of q [b, H, Tq, d] (positions q_pos [b, Tq]) over the cached past plus this chunk's
+        own k, v [b, KV, Tq, d]; then the chunk is written to the cache. -> [b, H, Tq, d].
+
+        Keys come from three places, each masked so every allowed key counts exactly once:
+        ring (past band only), vertical store (past, outside the band), the chunk itself (allowed).
+        """
+        p, B, NL, V = self.pattern, self.pattern.block, self.pattern.local_blocks, self.pattern.vert_stride
+        b, H, Tq, d = q.shape
+        KV = k.shape[1]
+        G = H // KV
+        qg = q.reshape(b, KV, G * Tq, d)  # [b, KV, G*Tq, d]: the query heads of each KV head together
+        phase = self.head_phase  # [KV, G]
+        qb = (q_pos // B)[:, None, None, :, None]  # [b, 1, 1, Tq, 1]
+        q_ok = (q_pos >= 0)[:, None, None, :, None]
+
+        ring_pos = self.ring_pos[:, None, None, None, :]  # [b, 1, 1, 1, R]
+        ring_mask = q_ok & (ring_pos >= 0) & (ring_pos <= q_pos[:, None, None, :, None]) & (qb - ring_pos // B < NL)
+        vk, vv, vpos = self._vertical_view()
+        vpos = vpos[None, :, None, None, :]  # [1, KV, 1, 1, n]
+        vkb = vpos // B
+        vert_mask = (q_ok & (vpos >= 0) & (vpos < self.lengths[:, None, None, None, None]) & (qb - vkb >= NL)
+                     & (vkb % V == phase[None, :, :, None, None]))
+        new_mask = p.allowed(q_pos, q_pos).view(b, KV, G, Tq, Tq)  # [b, KV, G, Tq, Tq]
+
+        parts = [(self.ring_k, self.ring_v, ring_mask), (vk, vv, vert_mask), (k, v, new_mask)]
+        scores = []
+        for keys, _, mask in parts:
+            s = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale  # [b, KV, G*Tq, n]
+            mask = mask.expand(b, KV, G, Tq, keys.shape[2]).reshape(b, KV, G * Tq, -1)
+            scores.append(s.masked_fill(~mask, float("-inf")))
+        probs = torch.cat(scores, -1).softmax(-1).nan_to_num(0.0).to(q.dtype)  # rows with no key: 0
+        out, start = 0, 0
+        for keys, values, _ in parts:
+            n = keys.shape[2]
+            out = out + torch.matmul(probs[..., start:start + n], values)
+            start += n
+        self.write(k, v, q_pos)
+        return out.reshape(b, H, Tq, d)

@@ -1,0 +1,124 @@
+"""Block-sparse attention = dense attention with the explicit mask built from the spec's formula (§2.4)."""
+
+import math
+
+import pytest
+import torch
+
+from phi3.blocksparse import SparseKVCache, SparsePattern, blocksparse_prefill
+
+
+def spec_block_mask(n_heads, n_blocks, block, local, vert, homo=False):
+    """The spec's plain reference, written independently: block mask [H, nQblk, nKblk] from the formula."""
+    step = 0 if homo else max(1, int(vert / n_heads))
+    qb = torch.arange(n_blocks)[:, None]
+    kb = torch.arange(n_blocks)[None, :]
+    heads = []
+    for h in range(n_heads):
+        heads.append((qb >= kb) & (((qb - kb) < local) | ((kb + h * step + 1) % vert == 0)))
+    return torch.stack(heads)
+
+
+def reference_attention(q, k, v, pattern, scale, past=0):
+    """Dense attention, K/V repeat_interleave'd to all heads, mask = kron(block mask, ones(B, B)) sliced to
+    the last q_len rows, AND causal (exactly as mlx-lm does it)."""
+    b, H, Tq, d = q.shape
+    S = k.shape[2]
+    B = pattern.block
+    nblk = math.ceil(S / B)
+    blocks = spec_block_mask(H, nblk, B, pattern.local_blocks, pattern.vert_stride, pattern.homo_head)
+    token = torch.kron(blocks.int(), torch.ones(B, B, dtype=torch.int)).bool()[:, :S, :S][:, -Tq:, :]
+    causal = torch.arange(S)[None, :] <= torch.arange(S - Tq, S)[:, None]
+    mask = token & causal
+    k = k.repeat_interleave(H // k.shape[1], dim=1)
+    v = v.repeat_interleave(H // v.shape[1], dim=1)
+    scores = (q @ k.transpose(-1, -2)).float() * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+
+
+# small blocks keep the tests fast while exercising band, vertical blocks and head phases
+PATTERNS = [SparsePattern(block=8, local_blocks=4, vert_stride=4, n_heads=8),  # step max(1, 4/8)=1
+            SparsePattern(block=8, local_blocks=3, vert_stride=8, n_heads=4),  # step 2: heads share phases
+            SparsePattern(block=8, local_blocks=2, vert_stride=3, n_heads=4, homo_head=True)]
+
+
+def qkv(pattern, T, kv=2, d=16, b=2):
+    H = pattern.n_heads
+    return torch.randn(b, H, T, d), torch.randn(b, kv, T, d), torch.randn(b, kv, T, d)
+
+
+def test_pattern_matches_spec_formula_for_the_release():
+    p = SparsePattern()  # 64 / 16 / 8 / 32 heads
+    pos = torch.arange(0, 4096, 16)
+    got = p.allowed(pos, pos)  # [H, T, T]
+    blocks = spec_block_mask(32, 64, 64, 16, 8)
+    expected = blocks[:, pos[:, None] // 64, pos[None, :] // 64] & (pos[None, :] <= pos[:, None])
+    assert torch.equal(got, expected)
+    assert [p.phase(h) for h in range(9)] == [7, 6, 5, 4, 3, 2, 1, 0, 7]  # heads h, h+8 share a pattern
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("T", [5, 8, 37, 64, 129, 200])
+def test_prefill_equals_dense_with_explicit_mask(pattern, T):
+    q, k, v = qkv(pattern, T)
+    scale = 1 / 16
+    got = blocksparse_prefill(q, k, v, pattern, scale)
+    expected = reference_attention(q, k, v, pattern, scale)
+    assert (got - expected).abs().max() < 1e-5
+
+
+def test_release_pattern_prefill_non_multiple_of_64():
+    """The released 64/16/8 pattern at 2500 tokens (past the 1024-token band), 32 heads over 8 KV heads."""
+    p = SparsePattern()
+    q, k, v = torch.randn(1, 32, 2500, 8), torch.randn(1, 8, 2500, 8), torch.randn(1, 8, 2500, 8)
+    got = blocksparse_prefill(q, k, v, p, 1 / 8)
+    expected = reference_attention(q, k, v, p, 1 / 8)
+    assert (got - expected).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("chunks", [[1] * 70, [13, 1, 1, 30, 7, 1, 50], [64, 64, 11]])
+def test_cache_decode_and_chunked_prefill_equal_dense(pattern, chunks):
+    T = sum(chunks)
+    q, k, v = qkv(pattern, T)
+    scale = 1 / 16
+    expected = reference_attention(q, k, v, pattern, scale)
+    cache = SparseKVCache(2, 2, T, 16, pattern, torch.float32)
+    outs, start = [], 0
+    for n in chunks:
+        pos = torch.arange(start, start + n).expand(2, n)
+        outs.append(cache.attend(q[:, :, start:start + n], k[:, :, start:start + n], v[:, :, start:start + n], pos, scale))
+        start += n
+    assert (torch.cat(outs, 2) - expected).abs().max() < 1e-5
+
+
+def test_cache_keeps_only_attendable_keys():
+    """Release pattern, 32 heads / 8 KV heads: a KV head keeps the 1024-position ring plus 4 of every 8
+    blocks (its 4 query heads' phases), so at 32K a sparse layer holds ~0.53 of a dense cache."""
+    p = SparsePattern()
+    T = 32768
+    cache = SparseKVCache(1, 8, T, 128, p, torch.bfloat16, device="meta")
+    dense = 2 * 8 * T * 128 * 2
+    assert cache.nbytes() == 2 * 8 * (1024 + T // 2) * 128 * 2
+    assert cache.nbytes() / dense < 0.54
+
+
+def test_rows_with_different_lengths_and_padding():
+    pattern = PATTERNS[0]
+    T = 45
+    q, k, v = qkv(pattern, T)
+    scale = 1 / 16
+    pad = 6  # row 1 is left-padded: its tokens are the first T - pad of row 0's
+    pos = torch.arange(T).expand(2, T).clone()
+    pos[1] = torch.arange(T) - pad
+    pos[1, :pad] = -1
+    k[1, :, pad:], v[1, :, pad:], q[1, :, pad:] = k[0, :, :T - pad], v[0, :, :T - pad], q[0, :, :T - pad]
+    cache = SparseKVCache(2, 2, T, 16, pattern, torch.float32)
+    out = torch.cat([cache.attend(q[:, :, :30], k[:, :, :30], v[:, :, :30], pos[:, :30], scale)] +
+                    [cache.attend(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], pos[:, i:i + 1], scale)
+                     for i in range(30, T)], 2)
+    expected = reference_attention(q[:1], k[:1], v[:1], pattern, scale)
+    assert (out[0] - expected[0]).abs().max() < 1e-5
+    assert (out[1, :, pad:] - expected[0, :, :T - pad]).abs().max() < 1e-5
+    assert torch.isfinite(out).all()
