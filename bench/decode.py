@@ -148,13 +148,17 @@ def run_child(kind: str, path: Path, threads: int, prompt_len: int, new: int) ->
                               n_threads_batch=threads, verbose=False)
         load = time.perf_counter() - t0
         t1 = time.perf_counter()
+        def last_logits():
+            ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+            return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
+
         llm.eval(prompt)
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = int(np.argmax(last_logits()))
         prefill = time.perf_counter() - t1
         t2 = time.perf_counter()
         for _ in range(new - 1):
             llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = int(np.argmax(last_logits()))
         decode = time.perf_counter() - t2
     else:
         torch.set_num_threads(threads)

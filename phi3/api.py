@@ -87,7 +87,7 @@ def load_gguf_model(path: Path, dtype=None, dequantize: bool = False) -> tuple[P
         if section["modules"]:
             hf["quantization"] = section
     cfg = ModelConfig.from_hf_dict(hf, source=str(path))
-    model = build_model(cfg, sd, dt, source=str(path))
+    model = build_model(cfg, sd, dt, source=str(path), consume=True)
     return model, Tokenizer.from_gguf_metadata(f.metadata, source=str(path))
 
 

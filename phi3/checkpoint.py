@@ -78,9 +78,14 @@ def model_class(cfg: ModelConfig) -> type[torch.nn.Module]:
 
 
 def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
-                source: str = "checkpoint") -> Phi3ForCausalLM:
-    """Assign `state_dict` (HF names, either layout) to a model built without allocating weights."""
+                source: str = "checkpoint", consume: bool = False) -> Phi3ForCausalLM:
+    """Assign `state_dict` (HF names, either layout) to a model built without allocating weights.
+
+    With `consume`, `state_dict` is emptied first, so each stored quantized tensor is freed as soon
+    as its module is built (the loaders use this to keep peak memory near the model's size)."""
     sd = fuse_llama_layout(state_dict, cfg) if cfg.layout == "llama" else dict(state_dict)
+    if consume:
+        state_dict.clear()
     sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
     qcfg = cfg.raw.get("quantization")
     # a quantized head or embedding table unties the two (each is stored on its own)
@@ -159,7 +164,7 @@ def load_hf_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None)
         raise CheckpointError(f"{path}: not a directory")
     cfg = read_config_file(path / "config.json")
     tensors = read_safetensors(safetensors_files(path))
-    return build_model(cfg, tensors, default_dtype(cfg, dtype), source=str(path))
+    return build_model(cfg, tensors, default_dtype(cfg, dtype), source=str(path), consume=True)
 
 
 def default_dtype(cfg: ModelConfig, dtype: str | torch.dtype | None) -> torch.dtype:
