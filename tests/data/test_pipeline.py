@@ -139,3 +139,13 @@ weight = 1
     again = run_pipeline(cfg)
     assert len(teacher.calls()) == calls and again["annotate"]["cached"] == 12
     assert (out / "mix" / "phase2" / "manifest.json").read_text() == before
+
+    # ... and on to phase-1 / phase-2 token shards for `phi3 train pretrain`
+    from phi3.data.tokenize import TokenShards, tokenize
+    for phase in ("phase1", "phase2"):
+        m = json.loads((out / "mix" / phase / "manifest.json").read_text())
+        index = tokenize([out / "mix" / phase / n for n in m["shards"]], out / "tokens" / phase, progress=False)
+        shards = TokenShards(out / "tokens" / phase)
+        # the mixer counted tokens with the same (default) tokenizer; tokenize adds one EOS per document
+        assert shards.tokens == index["tokens"] == m["tokens"] + m["documents"]
+        assert sum(s["documents"] for s in index["shards"]) == m["documents"]
