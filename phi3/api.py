@@ -83,7 +83,7 @@ def load_gguf_model(path: Path, dtype=None, dequantize: bool = False) -> tuple[P
     if dequantize:
         sd = gguf_state_dict(f, dtype=torch.float32)
     else:
-        sd, section = gguf_quantized_state_dict(f, dtype=torch.float32)
+        sd, section = gguf_quantized_state_dict(f, dtype=dt)  # dense tensors straight to the model dtype
         if section["modules"]:
             hf["quantization"] = section
     cfg = ModelConfig.from_hf_dict(hf, source=str(path))

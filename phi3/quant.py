@@ -48,10 +48,10 @@ class Int8Linear(nn.Module):
         if self.group_size is None:
             self.register_buffer("_qweight_buf", qweight, persistent=False)
         else:
-            u = qweight.to(torch.int32) + 128  # [out, in] in 0..255
-            halves = torch.cat((u >> 4, u & 15), dim=1)  # [out, 2·in]
-            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(halves, 1),
-                                 persistent=False)
+            def halves(lo, hi):
+                u = qweight[lo:hi].to(torch.int32) + 128  # [rows, in] in 0..255
+                return torch.cat((u >> 4, u & 15), dim=1)  # [rows, 2·in]
+            self.register_buffer("packed", kernel_pack_int4(halves, self.out_features), persistent=False)
             d = scales.float()  # [out, groups]
             sz = torch.cat((torch.stack((16 * d, torch.zeros_like(d)), dim=-1),
                             torch.stack((d, 8 * d), dim=-1)), dim=1)  # [out, 2·groups, 2]
@@ -173,6 +173,18 @@ def unpack_kernel_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor | N
     return _unpack_kernel_layout(packed, n, k, block)
 
 
+def kernel_pack_int4(q_of_rows, n: int) -> torch.Tensor:
+    """The kernel's packed layout for an int4 weight with `n` rows, where `q_of_rows(lo, hi)` gives
+    int32 [hi − lo, in] values 0..15. The layout is [N/B, K, B/2], so blocks of rows pack on their
+    own: packing 1024 rows at a time keeps the int32 scratch small (the whole matrix would need
+    4 bytes per weight)."""
+    block = kernel_block_n()
+    step = 1024 if block and 1024 % block == 0 and n % block == 0 else n
+    parts = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(q_of_rows(lo, min(lo + step, n)), 1)
+             for lo in range(0, n, step)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [out, in/2] -> int32 [out, in]."""
     low, high = packed & 0x0F, packed >> 4
@@ -192,8 +204,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)  # kept as is [out]
         self.group_size = group_size
         self.scales, self.mins = scales.to(torch.float16), mins.to(torch.float16)  # [out, in/group]
-        q = unpack_nibbles(qweight)  # int32 [out, in], one layer at a time
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), persistent=False)
+        packed = kernel_pack_int4(lambda lo, hi: unpack_nibbles(qweight[lo:hi]), self.out_features)
+        self.register_buffer("packed", packed, persistent=False)
         # The file layout is rebuilt from the kernel layout when needed (saving, dequantizing),
         # so the weights are held once; kept only where the kernel layout is unknown.
         block = kernel_block_n()
