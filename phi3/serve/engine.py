@@ -208,8 +208,6 @@ class Engine:
             self._decode()
             self._retire()
         self.steps += 1
-        if self.metrics is not None:
-            self.metrics.observe_engine(len(self.active), len(self.waiting))
 
     def _admit(self) -> None:
         while len(self.active) < self.slots:
