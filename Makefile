@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 MSG    ?=
 
-.PHONY: setup chat test test-slow clean
+.PHONY: setup chat serve test test-slow test-browser clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,11 +19,19 @@ setup: $(BIN)/.installed
 chat: setup
 	$(BIN)/phi3 chat $(if $(MSG),"$(MSG)",)
 
+# The OpenAI-compatible server with the chat page on http://127.0.0.1:8000/
+serve: setup
+	$(BIN)/phi3 serve
+
 test: setup
 	$(BIN)/python -m pytest -q
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# The chat page in headless chromium (Debian: apt-get install chromium).
+test-browser: setup
+	$(BIN)/python -m pytest -q -m browser
 
 clean:
 	rm -rf $(VENV) .pytest_cache
