@@ -217,7 +217,11 @@ class Engine:
                 req = self.waiting.popleft()
             if req.cancelled:
                 continue
-            seq = self._new_seq(req)
+            try:
+                seq = self._new_seq(req)
+            except Exception as e:  # this request's parameters: fail it alone
+                req.on_event(e)
+                continue
             row = len(self.active)
             self.active.append(seq)
             logits = self._prefill(row, seq.ids)

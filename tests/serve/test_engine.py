@@ -199,3 +199,14 @@ def test_the_background_loop_serves_and_stops(lm4k):
     finally:
         engine.stop()
     assert events[-1].finish_reason == "length"
+
+
+def test_a_request_the_engine_cannot_start_fails_alone(lm4k):
+    events, bad_events = [], []
+    engine = Engine(lm4k, slots=2, slot_len=64)
+    good = _req(_prompt(80, 5), SamplingParams(max_new_tokens=4), events)
+    engine.submit(good)
+    engine.submit(_req(_prompt(81, 5), SamplingParams(max_new_tokens=4, seed=2**70), bad_events))
+    _run(engine)
+    assert len(bad_events) == 1 and isinstance(bad_events[0], Exception)
+    assert events[-1].finish_reason == "length" and len(good.output_ids) == 4
