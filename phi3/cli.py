@@ -134,9 +134,12 @@ def cmd_serve(args) -> int:
 
     from .serve.server import API_KEY_ENV, serve
 
-    for name in ("port", "slots", "ctx", "max_queue"):
-        if getattr(args, name) < (0 if name == "port" else 1):
-            raise Phi3Error(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'port' else '>= 1'}")
+    for name in ("port", "slots", "ctx", "max_queue", "threads"):
+        if getattr(args, name) < (0 if name in ("port", "threads") else 1):
+            raise Phi3Error(f"--{name.replace('_', '-')} must be {'>= 0' if name in ('port', 'threads') else '>= 1'}")
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     lm = _load(args)
     return serve(lm, host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV),
                  slots=args.slots, slot_len=args.ctx, max_queue=args.max_queue, cors_origins=args.cors_origin,
@@ -193,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
     p.add_argument("--cors-origin", action="append", default=None, help="allow this browser origin (repeatable; default: no CORS)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the file name)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads for the engine (default 0: torch's choice; 1 is best on a busy machine)")
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
     p.set_defaults(func=cmd_serve)
 

@@ -84,10 +84,11 @@ class _RowsKV:
             end = start + k.shape[2]
             self.k[:, :, start:end] = k
             self.v[:, :, start:end] = v
-        else:  # decode: one token per row, at that row's own length
-            rows = torch.arange(k.shape[0])
-            self.k[rows, :, start] = k[:, :, 0]
-            self.v[rows, :, start] = v[:, :, 0]
+        else:  # decode: one token per row, at that row's own length (start [R])
+            r, kv, s, d = self.k.shape
+            index = self.view.flat_index  # [R * KV]: (row * KV + head) * S + start[row]
+            self.k.view(r * kv * s, d).index_copy_(0, index, k.reshape(r * kv, d))
+            self.v.view(r * kv * s, d).index_copy_(0, index, v.reshape(r * kv, d))
             end = self.view.end
         return self.k[:, :, :end], self.v[:, :, :end]
 
@@ -110,8 +111,11 @@ class _RowsView:
             self.end = self.length + positions.shape[1]
             self.positions[:, self.length:self.end] = positions
         else:
+            r, s = self.positions.shape
             self.end = int(self.length.max()) + 1
-            self.positions[torch.arange(positions.shape[0]), self.length] = positions[:, 0]
+            self.positions[torch.arange(r), self.length] = positions[:, 0]
+            kv = self.layers[0].k.shape[1]  # (row, head, column) of a [R, KV, S, d] buffer as one index
+            self.flat_index = torch.arange(r * kv) * s + self.length.repeat_interleave(kv)
         return self.positions[:, :self.end]
 
 

@@ -89,12 +89,12 @@ def test_stop_strings_and_length(client, model_id, smol):
 
 def test_seeded_sampling_is_reproducible_and_matches_the_generator(client, model_id, smol):
     messages = [{"role": "user", "content": "Tell me a story."}]
-    kw = dict(model=model_id, messages=messages, temperature=1.0, top_p=0.9, max_tokens=20)
+    kw = dict(model=model_id, messages=messages, temperature=1.0, top_p=0.9, max_tokens=12)
     a = client.chat.completions.create(seed=7, **kw).choices[0].message.content
     b = client.chat.completions.create(seed=7, **kw).choices[0].message.content
     c = client.chat.completions.create(seed=8, **kw).choices[0].message.content
     assert a == b != c
-    assert a == _reference(smol, messages, max_new_tokens=20, temperature=1.0, top_p=0.9, seed=7)[0]
+    assert a == _reference(smol, messages, max_new_tokens=12, temperature=1.0, top_p=0.9, seed=7)[0]
 
 
 def test_completions_plain_batched_and_streamed(client, model_id, smol):
@@ -136,12 +136,12 @@ def _metric(text: str, name: str) -> float:
 
 
 def test_concurrent_requests_share_the_engine_and_equal_each_alone(server, client, model_id, smol):
-    questions = ["Name a color.", "What is 2+2?", "Say hello.", "Name a fruit."]
+    questions = ["Name a color.", "What is 2+2?", "Name a fruit."]
     results = {}
 
     def ask(q):
         results[q] = client.chat.completions.create(
-            model=model_id, messages=[{"role": "user", "content": q}], temperature=0, max_tokens=40)
+            model=model_id, messages=[{"role": "user", "content": q}], temperature=0, max_tokens=16)
 
     steps_before = server[1].steps
     threads = [threading.Thread(target=ask, args=(q,)) for q in questions]
@@ -151,7 +151,7 @@ def test_concurrent_requests_share_the_engine_and_equal_each_alone(server, clien
         t.join()
     for q in questions:
         assert results[q].choices[0].message.content == _reference(smol, [{"role": "user", "content": q}],
-                                                                    max_new_tokens=40)[0]
+                                                                    max_new_tokens=16)[0]
     sampled = sum(r.usage.completion_tokens for r in results.values())
     assert server[1].steps - steps_before < sampled  # fewer engine steps than tokens: decoded together
 
@@ -239,7 +239,7 @@ def _wait_for(predicate, timeout=10.0):
 def test_a_disconnecting_client_frees_its_slot(server, model_id):
     url, engine = server
     body = {"model": model_id, "messages": [{"role": "user", "content": "Write a long essay about rivers."}],
-            "max_tokens": 200, "temperature": 1.0, "seed": 1, "stream": True}
+            "max_tokens": 200, "temperature": 0, "stream": True}  # greedy: a long essay, deterministically
     before = _metric(httpx.get(url + "/metrics").text, 'phi3_sequences_finished_total{reason="cancelled"}') \
         if "cancelled" in httpx.get(url + "/metrics").text else 0.0
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
@@ -254,8 +254,9 @@ def test_a_disconnecting_client_frees_its_slot(server, model_id):
 
 def test_a_full_queue_answers_429_and_recovers(smol):
     with served(smol, slots=1, slot_len=CONTEXT, max_queue=1) as (url, engine):
-        body = {"model": "SmolLM2-135M-Instruct.Q4_1", "messages": MESSAGES, "max_tokens": 200,
-                "temperature": 1.0, "seed": 3, "stream": True}
+        essay = [{"role": "user", "content": "Write a long essay about rivers."}]
+        body = {"model": "SmolLM2-135M-Instruct.Q4_1", "messages": essay, "max_tokens": 200,
+                "temperature": 0, "stream": True}  # greedy: runs well past these checks
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as first:
             next(first.iter_lines())
