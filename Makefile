@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 MSG    ?=
 
-.PHONY: setup chat serve test test-slow test-browser clean
+.PHONY: setup chat serve test test-slow test-browser bench-serve clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,16 @@ test-slow: setup
 # The chat page in headless chromium (Debian: apt-get install chromium).
 test-browser: setup
 	$(BIN)/python -m pytest -q -m browser
+
+# llama.cpp's server, built from llama-cpp-python's PyPI source in its own venv (several minutes),
+# then the load test of `phi3 serve` against it (bench/serve_load.py; writes BENCHMARKS.md).
+.venv-llama/bin/.installed:
+	$(PYTHON) -m venv .venv-llama
+	.venv-llama/bin/python -m pip install --quiet --no-binary llama-cpp-python 'llama-cpp-python[server]'
+	touch $@
+
+bench-serve: setup .venv-llama/bin/.installed
+	$(BIN)/python bench/serve_load.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
