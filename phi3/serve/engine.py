@@ -235,7 +235,7 @@ class Engine:
     def _new_seq(self, req: Request) -> _Seq:
         p = req.params
         rng = torch.Generator(device=self.model.device)
-        rng.manual_seed(p.seed if p.seed is not None else torch.seed())
+        rng.manual_seed(p.seed) if p.seed is not None else rng.seed()  # rng.seed(): fresh, global RNG untouched
         seen = None
         if p.repetition_penalty != 1.0:
             seen = torch.zeros(1, self.model.config.vocab_size, dtype=torch.bool)

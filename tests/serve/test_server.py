@@ -259,8 +259,10 @@ def test_a_full_queue_answers_429_and_recovers(smol):
                 "temperature": 0, "stream": True}  # greedy: runs well past these checks
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as first:
-            next(first.iter_lines())
-            assert _wait_for(lambda: engine.stats()["active"] == 1)
+            lines = first.iter_lines()
+            seen = [next(lines) for _ in range(4)]  # role chunk, blank, first token: it holds the slot
+            assert '"content": ""' not in seen[-2] and "content" in seen[-2], seen
+            assert engine.stats()["active"] == 1
             with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as second:
                 assert second.status_code == 200
                 assert _wait_for(lambda: engine.stats()["waiting"] == 1)
