@@ -241,6 +241,12 @@ def main() -> int:
         f"{args.max_tokens}, temperature 0.8; {args.threads} compute thread(s) per server.",
         "",
         table(rows),
+        "",
+        "tokens/s: content chunks streamed per second, all clients together (one chunk per token on both "
+        "servers); TTFT: request sent to first content chunk; ITL: gap between a stream's chunks. "
+        "`phi3 serve` runs with --slots equal to the number of clients. llama-cpp-python's server has no "
+        "parallel slots (one Llama object behind a global lock), so its concurrent clients share one "
+        "sequence at a time; both use the same compute threads.",
     ])
     print(text)
     for r in rows:
