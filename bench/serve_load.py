@@ -140,7 +140,8 @@ def start_phi3(gguf: Path, port: int, slots: int, ctx: int, threads: int) -> sub
 def start_llama(python: str, gguf: Path, port: int, slots: int, ctx: int, threads: int) -> subprocess.Popen:
     threads = str(threads)
     cmd = [python, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-           "--n_ctx", str(ctx), "--n_threads", threads, "--n_threads_batch", threads, "--verbose", "False"]
+           "--n_ctx", str(ctx), "--n_threads", threads, "--n_threads_batch", threads, "--verbose", "False",
+           "--interrupt_requests", "False"]  # default True: a new request cuts the running stream short
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -245,8 +246,9 @@ def main() -> int:
         "tokens/s: content chunks streamed per second, all clients together (one chunk per token on both "
         "servers); TTFT: request sent to first content chunk; ITL: gap between a stream's chunks. "
         "`phi3 serve` runs with --slots equal to the number of clients. llama-cpp-python's server has no "
-        "parallel slots (one Llama object behind a global lock), so its concurrent clients share one "
-        "sequence at a time; both use the same compute threads.",
+        "parallel slots (one Llama object behind a global lock; run with --interrupt_requests False so a "
+        "new request waits instead of cutting the running stream short), so its concurrent clients are served "
+        "one sequence at a time; both servers use the same compute threads.",
     ])
     print(text)
     for r in rows:
