@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import cpu_kernels
 from .errors import ConfigError
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -31,9 +32,10 @@ class Int8Linear(nn.Module):
     """int8 weights with one scale per output channel (`scales` [out]), or per group of
     `group_size` inputs (`scales` [out, in/group], GGUF's Q8_0 with groups of 32).
 
-    Per channel runs on `_weight_int8pack_mm`. Grouped runs on the int4 kernel, exactly: with
-    u = q + 128 = 16·h + l (h, l nibbles), w = d·q = 16d·(h − 8) + d·l, so y = [x | x] @ [h | l]ᵀ
-    with scale 16d / zero 0 on the h groups and scale d / zero 8d on the l groups."""
+    Runs on phi3's native AVX2 kernel (`cpu_kernels`) where it can, else on PyTorch's: per channel
+    `_weight_int8pack_mm`; grouped the int4 kernel, exactly: with u = q + 128 = 16·h + l (h, l
+    nibbles), w = d·q = 16d·(h − 8) + d·l, so y = [x | x] @ [h | l]ᵀ with scale 16d / zero 0 on the
+    h groups and scale d / zero 8d on the l groups."""
 
     compute_dtype = COMPUTE_DTYPE
 
@@ -43,10 +45,23 @@ class Int8Linear(nn.Module):
         self.group_size = None if scales.dim() == 1 else self.in_features // scales.shape[1]
         # saved through `stored()`, not state_dict (see `quantized_state_dict`)
         self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)  # kept as is [out]
-        self.register_buffer("scales", scales, persistent=False)  # fp32 [out] or fp16 [out, in/group]
+        self._lib = cpu_kernels.library()
+        self._block = cpu_kernels.int8_block(self.in_features, self.group_size)
+        if self._lib is not None and self._block is not None:
+            grouped = self.group_size is not None
+            packed = _by_rows(lambda lo, hi: cpu_kernels.pack_int8(
+                qweight[lo:hi], scales[lo:hi] if grouped else None, self._block), self.out_features)
+            self.register_buffer("packed", packed, persistent=False)  # [out/8, in/block, ...] bytes
+            self._scales = None if grouped else scales.float()  # fp32 [out]
+            self._row_scales = None if grouped else cpu_kernels.pad_rows(self._scales)  # fp32 [out8]
+            self._qweight = None
+            return
+        self._lib = None
+        self._scales = scales  # fp32 [out] or fp16 [out, in/group]
         self._qweight = qweight  # int8 [out, in]; grouped: rebuilt from the kernel layout when needed
         if self.group_size is None:
             self.register_buffer("_qweight_buf", qweight, persistent=False)
+            self._scales_compute = scales.to(self.compute_dtype)
         else:
             def halves(lo, hi):
                 u = qweight[lo:hi].to(torch.int32) + 128  # [rows, in] in 0..255
@@ -61,20 +76,31 @@ class Int8Linear(nn.Module):
             if block and self.out_features % block == 0:
                 self._qweight = None  # the weights are held once, in the kernel layout
 
+    def _native_unpacked(self):
+        return cpu_kernels.unpack_int8(self.packed, self.out_features, self.in_features, self._block,
+                                       grouped=self.group_size is not None)
+
     @property
     def qweight(self) -> torch.Tensor:
+        """int8 [out, in]"""
+        if self._lib is not None:
+            return self._native_unpacked()[0]
         if self._qweight is not None:
             return self._qweight
         halves = unpack_kernel_int4(self.packed, self.out_features, 2 * self.in_features)  # [out, 2·in]
         hi, lo = halves[:, :self.in_features], halves[:, self.in_features:]
         return (16 * hi + lo - 128).to(torch.int8)
 
+    @property
+    def scales(self) -> torch.Tensor:
+        """fp32 [out] per channel, fp16 [out, in/group] grouped"""
+        if self._lib is not None and self.group_size is not None:
+            return self._native_unpacked()[1]
+        return self._scales
+
     @classmethod
     def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
-        w = weight.detach().float()
-        scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-        q = torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8)
-        return cls(q, scales, bias)
+        return cls(*quantize_int8_rows(weight), bias)
 
     def stored(self) -> dict[str, torch.Tensor]:
         return _with_bias({"qweight": self.qweight, "scales": self.scales}, self.bias)
@@ -85,20 +111,33 @@ class Int8Linear(nn.Module):
         return cls(t["qweight"], scales.float() if scales.dim() == 1 else scales.half(), _bias(t, dtype))
 
     def dequantize(self) -> torch.Tensor:
+        q, scales = self.qweight.float(), self.scales
         if self.group_size is None:
-            return self.qweight.float() * self.scales[:, None]
-        q = self.qweight.float().view(self.out_features, -1, self.group_size)
-        return (q * self.scales.float()[..., None]).view(self.out_features, self.in_features)
+            return q * scales[:, None]
+        q = q.view(self.out_features, -1, self.group_size)
+        return (q * scales.float()[..., None]).view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
-        x = x.reshape(-1, shape[-1]).to(self.compute_dtype)  # [tokens, in]
-        if self.group_size is None:
-            y = torch.ops.aten._weight_int8pack_mm(x, self._qweight_buf, self.scales.to(self.compute_dtype))
+        x = x.reshape(-1, shape[-1])  # [tokens, in]
+        if self._lib is not None:
+            y = cpu_kernels.int8_matmul(self._lib, x, self.packed, self.out_features, self._block,
+                                        self._row_scales)
+        elif self.group_size is None:
+            y = torch.ops.aten._weight_int8pack_mm(x.to(self.compute_dtype), self._qweight_buf,
+                                                   self._scales_compute)
         else:
+            x = x.to(self.compute_dtype)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.cat((x, x), dim=1), self.packed,
                                                            self.group_size, self.scales_and_zeros)
         return _add_bias(y.view(*shape[:-1], self.out_features).to(dtype), self.bias)
+
+
+def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [out, in] -> q int8 [out, in], scales fp32 [out] (symmetric, w ≈ q·s)."""
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    return torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8), scales
 
 
 def _with_bias(stored: dict[str, torch.Tensor], bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -179,21 +218,20 @@ def kernel_pack_int4(q_of_rows, n: int) -> torch.Tensor:
     own: packing 1024 rows at a time keeps the int32 scratch small (the whole matrix would need
     4 bytes per weight)."""
     block = kernel_block_n()
-    step = 1024 if block and 1024 % block == 0 and n % block == 0 else n
-    parts = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(q_of_rows(lo, min(lo + step, n)), 1)
-             for lo in range(0, n, step)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    pack = lambda lo, hi: torch.ops.aten._convert_weight_to_int4pack_for_cpu(q_of_rows(lo, hi), 1)  # noqa: E731
+    return _by_rows(pack, n, 1024 if block and 1024 % block == 0 and n % block == 0 else n)
 
 
-def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [out, in/2] -> int32 [out, in]."""
+def unpack_nibbles(packed: torch.Tensor, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """uint8 [out, in/2] -> [out, in] (int32 by default)."""
     low, high = packed & 0x0F, packed >> 4
-    return torch.stack((low, high), dim=-1).view(packed.shape[0], -1).to(torch.int32)
+    return torch.stack((low, high), dim=-1).view(packed.shape[0], -1).to(dtype)
 
 
 class Int4Linear(nn.Module):
-    """Group-wise int4. Keeps the portable nibble layout (`qweight`, memory-mapped when loaded from a
-    file) for saving, and the kernel's packed layout for the matmul."""
+    """Group-wise int4, w = q·scale + min. The weights are held once, in the layout of the kernel that
+    runs them: phi3's native AVX2 kernel (`cpu_kernels`, scales and mins inline) where it can run,
+    else PyTorch's `_weight_int4pack_mm_for_cpu`. The file layout is rebuilt from it when saving."""
 
     compute_dtype = COMPUTE_DTYPE
 
@@ -203,25 +241,48 @@ class Int4Linear(nn.Module):
         self.out_features, self.in_features = qweight.shape[0], qweight.shape[1] * 2
         self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)  # kept as is [out]
         self.group_size = group_size
-        self.scales, self.mins = scales.to(torch.float16), mins.to(torch.float16)  # [out, in/group]
+        scales, mins = scales.to(torch.float16), mins.to(torch.float16)  # [out, in/group]
+        self._lib = cpu_kernels.library()
+        if self._lib is not None:
+            packed = _by_rows(lambda lo, hi: cpu_kernels.pack_int4(
+                unpack_nibbles(qweight[lo:hi], torch.uint8), scales[lo:hi], mins[lo:hi], group_size),
+                self.out_features)  # [out/8, groups, 32 + 4·group] bytes
+            self.register_buffer("packed", packed, persistent=False)
+            self._qweight = self._scales = self._mins = None
+            return
+        self._scales, self._mins = scales, mins
         packed = kernel_pack_int4(lambda lo, hi: unpack_nibbles(qweight[lo:hi]), self.out_features)
         self.register_buffer("packed", packed, persistent=False)
-        # The file layout is rebuilt from the kernel layout when needed (saving, dequantizing),
-        # so the weights are held once; kept only where the kernel layout is unknown.
+        # kept in the file layout only where the torch kernel's layout cannot be inverted
         block = kernel_block_n()
         self._qweight = None if block and self.out_features % block == 0 else qweight
         # the kernel computes w = (q − 8)·scale + zero
-        s = self.scales.float()
-        sz = torch.stack((s, self.mins.float() + 8.0 * s), dim=-1)  # [out, groups, 2]
+        s = scales.float()
+        sz = torch.stack((s, mins.float() + 8.0 * s), dim=-1)  # [out, groups, 2]
         sz = sz.transpose(0, 1).contiguous()  # [groups, out, 2]
         self.register_buffer("scales_and_zeros", sz.to(self.compute_dtype), persistent=False)
+
+    def _native_unpacked(self):
+        return cpu_kernels.unpack_int4(self.packed, self.out_features, self.in_features, self.group_size)
 
     @property
     def qweight(self) -> torch.Tensor:
         """uint8 [out, in/2], low nibble = even column (the file layout)."""
+        if self._lib is not None:
+            return pack_nibbles(self._native_unpacked()[0])
         if self._qweight is not None:
             return self._qweight
         return pack_nibbles(unpack_kernel_int4(self.packed, self.out_features, self.in_features))
+
+    @property
+    def scales(self) -> torch.Tensor:
+        """fp16 [out, in/group]"""
+        return self._native_unpacked()[1] if self._lib is not None else self._scales
+
+    @property
+    def mins(self) -> torch.Tensor:
+        """fp16 [out, in/group]"""
+        return self._native_unpacked()[2] if self._lib is not None else self._mins
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, group_size: int, bias: torch.Tensor | None = None) -> "Int4Linear":
@@ -233,18 +294,33 @@ class Int4Linear(nn.Module):
         return cls(t["qweight"], t["scales"], t["mins"], group_size, _bias(t, dtype))
 
     def stored(self) -> dict[str, torch.Tensor]:
+        if self._lib is not None:
+            q, scales, mins = self._native_unpacked()
+            return _with_bias({"qweight": pack_nibbles(q), "scales": scales, "mins": mins}, self.bias)
         return _with_bias({"qweight": self.qweight, "scales": self.scales, "mins": self.mins}, self.bias)
 
     def dequantize(self) -> torch.Tensor:
-        q = unpack_nibbles(self.qweight).view(self.out_features, -1, self.group_size).float()
-        w = q * self.scales.float()[..., None] + self.mins.float()[..., None]
+        q, scales, mins = (self._native_unpacked() if self._lib is not None
+                           else (unpack_nibbles(self.qweight), self.scales, self.mins))
+        q = q.view(self.out_features, -1, self.group_size).float()
+        w = q * scales.float()[..., None] + mins.float()[..., None]
         return w.view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
-        x = x.reshape(-1, shape[-1]).to(self.compute_dtype)  # [tokens, in]
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+        x = x.reshape(-1, shape[-1])  # [tokens, in]
+        if self._lib is not None:
+            y = cpu_kernels.int4_matmul(self._lib, x, self.packed, self.out_features, self.group_size)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(self.compute_dtype), self.packed,
+                                                           self.group_size, self.scales_and_zeros)
         return _add_bias(y.view(*shape[:-1], self.out_features).to(dtype), self.bias)
+
+
+def _by_rows(pack_rows, n: int, step: int = 1024) -> torch.Tensor:
+    """`pack_rows(lo, hi)` over blocks of rows (a multiple of 8), concatenated: bounded scratch."""
+    parts = [pack_rows(lo, min(lo + step, n)) for lo in range(0, n, step)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
 
 class Int8Embedding(nn.Module):
@@ -259,8 +335,7 @@ class Int8Embedding(nn.Module):
 
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> "Int8Embedding":
-        layer = Int8Linear.quantize(weight)
-        return cls(layer.qweight, layer.scales, weight.dtype)
+        return cls(*quantize_int8_rows(weight), weight.dtype)
 
     @classmethod
     def from_stored(cls, t: dict[str, torch.Tensor], group_size: int | None = None,

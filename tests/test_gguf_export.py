@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import phi3
+from phi3.generate import SamplingParams, generate_tokens
 from phi3.checkpoint import build_model
 from phi3.config import ModelConfig
 from phi3.errors import Phi3Error
@@ -54,8 +55,9 @@ def test_native_parts_are_exactly_the_gguf_values(qtype):
         layer = Int4Linear.from_stored(native_int4(t), 32)
     assert torch.equal(layer.dequantize(), dequantize(t))
     x = torch.randn(3, 256)
-    expected = x.bfloat16().float() @ dequantize(t).T
-    assert (layer(x) - expected).abs().max() < 0.01 * expected.abs().max()
+    expected = x @ dequantize(t).T
+    # the kernels round activations (to int8 blocks, like llama.cpp, or to bf16)
+    assert (layer(x) - expected).abs().max() < 0.02 * expected.abs().max()
 
 
 def test_quantized_gguf_stays_quantized(default_gguf):
@@ -70,8 +72,21 @@ def test_quantized_gguf_stays_quantized(default_gguf):
     with torch.no_grad():
         a, b = dense.model(ids), native.model(ids)
     assert torch.equal(a.argmax(-1), b.argmax(-1))
-    question = "What is the capital of France?"
-    assert native.chat(question, max_new_tokens=24) == dense.chat(question, max_new_tokens=24)
+    # The kernels round activations (int8 blocks, as llama.cpp does), so free-running greedy text may
+    # part ways at a near tie; position by position on the dense model's own answers they agree.
+    agree = total = 0
+    for question in ("What is the capital of France?", "Write a haiku about the sea.",
+                     "Explain what a CPU does in two sentences."):
+        prompt = dense.chat_prompt(question)
+        steps = generate_tokens(dense.model, [prompt], SamplingParams(max_new_tokens=32, temperature=0.0),
+                                dense.tokenizer.stop_token_ids)
+        answer = [step[0] for step in steps]
+        ids = torch.tensor([prompt + answer])
+        with torch.no_grad():
+            a, b = dense.model(ids).argmax(-1), native.model(ids).argmax(-1)
+        agree += (a == b)[0, -len(answer):].sum().item()
+        total += len(answer)
+    assert agree / total >= 0.9, f"top-1 agreement {agree}/{total}"
 
 
 # ---- export -----------------------------------------------------------------------------------

@@ -202,7 +202,9 @@ def test_checkpoint_round_trip_with_original_names(tmp_path):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_experts(tmp_path, bits):
     """Every linear (experts included) is swapped; an MoE block equals the float block carrying the
-    dequantized weights, up to the kernels' bf16 activations (same input, so the same routing)."""
+    dequantized weights, up to the kernels' activation rounding (int8 blocks of 32 as llama.cpp's
+    Q8_0, or bf16 for torch's kernels; same input, so the same routing): two matmuls in a row, each
+    about 0.5–1 % off on these small random shapes."""
     _, ours = make_pair()
     dequantized = copy.deepcopy(ours)
     ids = torch.randint(0, 96, (1, 12))
@@ -220,7 +222,7 @@ def test_quantized_experts(tmp_path, bits):
     assert ours.model.layers[0].self_attn.q_proj.bias is not None  # biases survive quantization
     assert type(ours.model.layers[0].block_sparse_moe.gate).__name__ == "Router"  # routing stays exact
     rel = ((got - expected).norm() / expected.norm()).item()
-    assert rel < 0.01, rel
+    assert rel < 0.03, rel
     save_hf_checkpoint(ours, tmp_path)
     back = load_hf_checkpoint(tmp_path)
     with torch.no_grad():

@@ -1,0 +1,214 @@
+"""Native CPU kernels for the quantized matmuls (phi3/csrc/qgemm_avx2.c).
+
+The C source is compiled on first use with the system C compiler (`$CC`, else `cc`/`gcc`) into
+`$PHI3_CACHE/kernels` (default ~/.cache/phi3/kernels), keyed by a hash of the source and flags, and
+loaded with ctypes (the GIL is released while a kernel runs). OpenMP comes from the libgomp that torch
+has already loaded, so the kernels share torch's threads and `torch.set_num_threads` applies.
+
+When the CPU lacks AVX2/FMA/F16C, no compiler is found, or `PHI3_NATIVE_KERNELS=0`, `library()`
+returns None and the quantized layers use PyTorch's packed kernels instead (the same results up to
+the activation rounding: the native kernels quantize activations to int8 per block, like llama.cpp).
+
+Weight layouts (8 output rows interleaved; see the C file): `pack_int4`, `pack_int8` build them from
+the portable form, `unpack_int4`, `unpack_int8` give it back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "qgemm_avx2.c"
+FLAGS = ["-O3", "-std=gnu11", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
+ROWS = 8  # output rows interleaved per block
+INT8_BLOCK = 32  # activation block of the per-channel int8 kernel
+
+_LIB: list = []
+
+
+def _cpu_has_avx2() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return all(f" {f}" in flags for f in ("avx2", "fma", "f16c"))
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("PHI3_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "phi3")
+    return Path(root) / "kernels"
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "cc", "gcc"):
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+def _build() -> Path | None:
+    cc = _compiler()
+    if cc is None:
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"qgemm_avx2-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        if res.returncode != 0:
+            warnings.warn(f"phi3: could not compile {SOURCE.name} with {cc} ({res.stderr.strip()[:300]}); "
+                          "using PyTorch's quantized kernels")
+            return None
+        os.replace(tmp, out)  # atomic: a concurrent build writes the same bytes
+        return out
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> ctypes.CDLL | None:
+    if os.environ.get("PHI3_NATIVE_KERNELS", "1") in ("0", "false", "no") or not _cpu_has_avx2():
+        return None
+    path = _build()
+    if path is None:
+        return None
+    lib = ctypes.CDLL(str(path))
+    if not lib.phi3_cpu_ok():
+        return None
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.phi3_int4_matmul.argtypes = [p, i, i, p, i, i, p, i]
+    lib.phi3_int4_matmul.restype = None
+    lib.phi3_int8_matmul.argtypes = [p, i, i, p, i, i, p, p, i]
+    lib.phi3_int8_matmul.restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where they cannot run (see the module doc)."""
+    if not _LIB:
+        try:
+            _LIB.append(_load())
+        except OSError as e:  # a broken cache entry or loader problem: fall back, say why
+            print(f"phi3: native kernels unavailable ({e}); using PyTorch's", file=sys.stderr)
+            _LIB.append(None)
+    return _LIB[0]
+
+
+def _padded(n: int) -> int:
+    return -(-n // ROWS) * ROWS
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return t if t.shape[0] == rows else torch.cat((t, t.new_zeros(rows - t.shape[0], *t.shape[1:])))
+
+
+def pad_rows(t: torch.Tensor) -> torch.Tensor:
+    """t [n, ...] with zero rows appended up to a multiple of 8, contiguous."""
+    return _pad_rows(t, _padded(t.shape[0])).contiguous()
+
+
+# ---- int4 -------------------------------------------------------------------------------------
+
+def pack_int4(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int) -> torch.Tensor:
+    """q [n, k] in 0..15 (any int dtype), scales/mins fp16 [n, k/group] -> uint8 [n8/8, groups, 32 + 4·group]
+    with n8 = n rounded up to 8 (padding rows are zero)."""
+    n, k = q.shape
+    rows, groups = _padded(n), k // group_size
+    q = _pad_rows(q.to(torch.uint8), rows)
+    qv = q.view(rows // ROWS, ROWS, groups, group_size // 8, 2, 4)  # [rb, i, g, c, h, b]: k = g·G + 8c + 4h + b
+    qv = qv.permute(0, 2, 3, 1, 5, 4)  # [rb, g, c, i, b, h]
+    nibbles = (qv[..., 0] | (qv[..., 1] << 4)).reshape(rows // ROWS, groups, 4 * group_size)
+
+    def per_block(v):  # fp16 [n, groups] -> bytes [rb, groups, 16]
+        v = _pad_rows(v.to(torch.float16), rows).view(rows // ROWS, ROWS, groups).transpose(1, 2)
+        return v.contiguous().view(torch.uint8)
+
+    return torch.cat((per_block(scales), per_block(mins), nibbles), dim=-1)
+
+
+def unpack_int4(packed: torch.Tensor, n: int, k: int, group_size: int):
+    """The inverse of `pack_int4`: q uint8 [n, k] in 0..15, scales, mins fp16 [n, k/group]."""
+    rb, groups = packed.shape[0], k // group_size
+
+    def per_row(b):  # bytes [rb, groups, 16] -> fp16 [n, groups]
+        return b.contiguous().view(torch.float16).transpose(1, 2).reshape(rb * ROWS, groups)[:n]
+
+    scales, mins = per_row(packed[..., :16]), per_row(packed[..., 16:32])
+    nib = packed[..., 32:].reshape(rb, groups, group_size // 8, ROWS, 4)  # [rb, g, c, i, b]
+    q = torch.stack((nib & 0x0F, nib >> 4), dim=-1)  # [rb, g, c, i, b, h]
+    q = q.permute(0, 3, 1, 2, 5, 4).reshape(rb * ROWS, k)[:n]  # [rb, i, g, c, h, b]
+    return q, scales, mins
+
+
+def int4_matmul(lib, x: torch.Tensor, packed: torch.Tensor, n: int, group_size: int) -> torch.Tensor:
+    """x [m, k] -> fp32 [m, n]."""
+    x = x.float().contiguous()
+    m, k = x.shape
+    rows = packed.shape[0] * ROWS
+    y = torch.empty(m, rows)
+    lib.phi3_int4_matmul(x.data_ptr(), m, k, packed.data_ptr(), rows, group_size, y.data_ptr(),
+                         torch.get_num_threads())
+    return y if rows == n else y[:, :n]
+
+
+# ---- int8 -------------------------------------------------------------------------------------
+
+def int8_block(k: int, group_size: int | None) -> int | None:
+    """The block of inputs the int8 kernel works on, None when the shape does not fit it."""
+    block = group_size or INT8_BLOCK
+    return block if k % block == 0 and block % 4 == 0 else None
+
+
+def pack_int8(q: torch.Tensor, scales: torch.Tensor | None, block: int) -> torch.Tensor:
+    """q int8 [n, k] -> uint8 [n8/8, k/block, (16 if grouped) + 8·block]; `scales` fp16 [n, k/block]
+    for grouped weights (kept inline), None for per-channel (kept apart, fp32)."""
+    n, k = q.shape
+    rows, groups = _padded(n), k // block
+    q = _pad_rows(q.to(torch.int8), rows).view(torch.uint8)
+    qv = q.view(rows // ROWS, ROWS, groups, block // 4, 4).permute(0, 2, 3, 1, 4)  # [rb, g, c, i, b]
+    qv = qv.reshape(rows // ROWS, groups, 8 * block)
+    if scales is None:
+        return qv.contiguous()
+    s = _pad_rows(scales.to(torch.float16), rows).view(rows // ROWS, ROWS, groups).transpose(1, 2)
+    return torch.cat((s.contiguous().view(torch.uint8), qv), dim=-1)
+
+
+def unpack_int8(packed: torch.Tensor, n: int, k: int, block: int, grouped: bool):
+    """The inverse of `pack_int8`: q int8 [n, k] and (grouped) scales fp16 [n, k/block] or None."""
+    rb, groups = packed.shape[0], k // block
+    scales = None
+    if grouped:
+        scales = packed[..., :16].contiguous().view(torch.float16).transpose(1, 2).reshape(rb * ROWS, groups)[:n]
+        packed = packed[..., 16:]
+    qv = packed.reshape(rb, groups, block // 4, ROWS, 4).permute(0, 3, 1, 2, 4)  # [rb, i, g, c, b]
+    q = qv.reshape(rb * ROWS, k)[:n].contiguous().view(torch.int8)
+    return q, scales
+
+
+def int8_matmul(lib, x: torch.Tensor, packed: torch.Tensor, n: int, block: int,
+                row_scales: torch.Tensor | None) -> torch.Tensor:
+    """x [m, k] -> fp32 [m, n]; `row_scales` fp32 [n8] for per-channel weights, None when grouped."""
+    x = x.float().contiguous()
+    m, k = x.shape
+    rows = packed.shape[0] * ROWS
+    y = torch.empty(m, rows)
+    lib.phi3_int8_matmul(x.data_ptr(), m, k, packed.data_ptr(), rows, block,
+                         None if row_scales is None else row_scales.data_ptr(), y.data_ptr(),
+                         torch.get_num_threads())
+    return y if rows == n else y[:, :n]

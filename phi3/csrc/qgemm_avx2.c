@@ -1,0 +1,177 @@
+/* Weight-only int4 / int8 matmuls for x86-64 with AVX2 + FMA + F16C: y[M, N] = x[M, K] · Wᵀ.
+ *
+ * The activations are quantized to int8 per block of G inputs (the weight group) exactly as
+ * llama.cpp quantizes them to Q8_0 (q = round(x·127/amax), scale amax/127 rounded to fp16), so a
+ * Q4_0 / Q8_0 matmul gives llama.cpp's numbers up to the order of float sums. The inner loop is integer: vpmaddubsw multiplies unsigned weight bytes by
+ * signed activation bytes. Weights are re-laid out once at load time, 8 output rows interleaved, so
+ * that one 256-bit load holds 4 bytes of each of 8 rows: a 4-byte activation broadcast then feeds
+ * 8 rows at once, the 8 per-row sums sit in the 8 lanes and no horizontal reduction or per-row
+ * scale broadcast is needed. The weights stream through memory once per call whatever M is.
+ *
+ * int4 layout, per block of 8 rows (rb) and group g of G inputs, 32 + 4·G bytes:
+ *   fp16 scale[8], fp16 min[8], then G/8 chunks of 32 bytes; chunk c holds 4 bytes per row i at
+ *   4·i, byte b = q[k0 + b] | q[k0 + 4 + b] << 4 with k0 = g·G + 8·c and w = q·scale + min.
+ * int8 layout, per (rb, g), [16 bytes of fp16 scale[8] when grouped] + 8·G bytes:
+ *   G/4 chunks of 32 bytes, 4 bytes per row i at 4·i holding w[k0 .. k0 + 3], k0 = g·G + 4·c.
+ *   Per-channel int8 keeps fp32 row scales apart and applies them at the end.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+#ifndef PREFETCH
+#define PREFETCH 1024
+#endif
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+int phi3_cpu_ok(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+/* x [M, K] fp32 -> qx int8 [M, K], dx = scale and sx = dx · Σ qx per block of B (dx, sx: [M, K/B]).
+ * sx is the sum of the *quantized* activations so that the min term cancels the q term's rounding
+ * exactly as in the dequantized product (Q4_0's min is −8·scale: the two nearly cancel). */
+static void quantize_rows(const float *x, int M, int K, int B, int8_t *qx, float *dx, float *sx) {
+    int nb = K / B;
+    for (int m = 0; m < M; m++) {
+        for (int b = 0; b < nb; b++) {
+            const float *xb = x + (size_t)m * K + (size_t)b * B;
+            float amax = 0.f;
+            for (int i = 0; i < B; i++) { float v = fabsf(xb[i]); amax = v > amax ? v : amax; }
+            /* as llama.cpp's quantize_row_q8_0: the scale is stored in fp16 */
+            float d = _cvtsh_ss(_cvtss_sh(amax / 127.f, 0)), inv = amax > 0.f ? 127.f / amax : 0.f;
+            int8_t *q = qx + (size_t)m * K + (size_t)b * B;
+            int sum = 0;
+            for (int i = 0; i < B; i++) { q[i] = (int8_t)nearbyintf(xb[i] * inv); sum += q[i]; }
+            dx[(size_t)m * nb + b] = d;
+            sx[(size_t)m * nb + b] = d * (float)sum;
+        }
+    }
+}
+
+ALWAYS_INLINE __m256i bcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* int4: rows [rb·8, rb·8 + 8) for tokens [m0, m0 + MT) */
+ALWAYS_INLINE void int4_block(const uint8_t *W, int ng, int G, const int8_t *qx, const float *dx,
+                              const float *sx, int K, int m0, float *y, int ldy, int rb, const int MT) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const size_t gbytes = 32 + 4 * (size_t)G;
+    __m256 acc[4];
+    for (int t = 0; t < MT; t++) acc[t] = _mm256_setzero_ps();
+    const uint8_t *p = W + (size_t)rb * ng * gbytes;
+    for (int g = 0; g < ng; g++, p += gbytes) {
+        const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+        const __m256 mins = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16)));
+        const uint8_t *wq = p + 32;
+        for (size_t off = 0; off < gbytes; off += 64) _mm_prefetch((const char *)(p + PREFETCH + off), _MM_HINT_T0);
+        __m256i isum[4];
+        for (int t = 0; t < MT; t++) isum[t] = _mm256_setzero_si256();
+        for (int c = 0; c < G / 8; c += 4) {  /* 32 inputs: 8 vpmaddubsw per token fit in int16 */
+            __m256i s16[4];
+            for (int t = 0; t < MT; t++) s16[t] = _mm256_setzero_si256();
+            for (int cc = 0; cc < 4; cc++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(wq + 32 * (c + cc)));
+                const __m256i lo = _mm256_and_si256(v, m4);
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                const size_t k = (size_t)g * G + 8 * (c + cc);
+                for (int t = 0; t < MT; t++) {
+                    const int8_t *xk = qx + (size_t)(m0 + t) * K + k;
+                    s16[t] = _mm256_add_epi16(s16[t], _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(xk)),
+                                                                       _mm256_maddubs_epi16(hi, bcast4(xk + 4))));
+                }
+            }
+            for (int t = 0; t < MT; t++) isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(s16[t], ones));
+        }
+        for (int t = 0; t < MT; t++) {
+            const size_t i = (size_t)(m0 + t) * (K / G) + g;
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_mul_ps(scale, _mm256_set1_ps(dx[i])), acc[t]);
+            acc[t] = _mm256_fmadd_ps(mins, _mm256_set1_ps(sx[i]), acc[t]);
+        }
+    }
+    for (int t = 0; t < MT; t++) _mm256_storeu_ps(y + (size_t)(m0 + t) * ldy + 8 * (size_t)rb, acc[t]);
+}
+
+/* x fp32 [M, K] · W (int4 layout above, N a multiple of 8) -> y fp32 [M, N] */
+void phi3_int4_matmul(const float *x, int M, int K, const uint8_t *W, int N, int G, float *y, int nthreads) {
+    int ng = K / G, nrb = N / 8;
+    int8_t *qx = malloc((size_t)M * K);
+    float *dx = malloc(sizeof(float) * (size_t)M * ng * 2), *sx = dx + (size_t)M * ng;
+    quantize_rows(x, M, K, G, qx, dx, sx);
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int rb = 0; rb < nrb; rb++) {
+        int m0 = 0;
+        for (; m0 + 4 <= M; m0 += 4) int4_block(W, ng, G, qx, dx, sx, K, m0, y, N, rb, 4);
+        switch (M - m0) {
+            case 3: int4_block(W, ng, G, qx, dx, sx, K, m0, y, N, rb, 3); break;
+            case 2: int4_block(W, ng, G, qx, dx, sx, K, m0, y, N, rb, 2); break;
+            case 1: int4_block(W, ng, G, qx, dx, sx, K, m0, y, N, rb, 1); break;
+        }
+    }
+    free(qx);
+    free(dx);
+}
+
+/* int8: rows [rb·8, rb·8 + 8) for tokens [m0, m0 + MT); `grouped`: fp16 scales inline, else 1 */
+ALWAYS_INLINE void int8_block(const uint8_t *W, int ng, int G, int grouped, const int8_t *qx, const float *dx,
+                              int K, int m0, float *y, int ldy, int rb, const int MT) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const size_t gbytes = (grouped ? 16 : 0) + 8 * (size_t)G;
+    __m256 acc[4];
+    for (int t = 0; t < MT; t++) acc[t] = _mm256_setzero_ps();
+    const uint8_t *p = W + (size_t)rb * ng * gbytes;
+    for (int g = 0; g < ng; g++, p += gbytes) {
+        const __m256 scale = grouped ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)) : _mm256_set1_ps(1.f);
+        const uint8_t *wq = p + (grouped ? 16 : 0);
+        __m256i isum[4];
+        for (int t = 0; t < MT; t++) isum[t] = _mm256_setzero_si256();
+        for (int c = 0; c < G / 4; c++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(wq + 32 * c));
+            const __m256i av = _mm256_sign_epi8(v, v);  /* |w| as unsigned bytes */
+            const size_t k = (size_t)g * G + 4 * c;
+            for (int t = 0; t < MT; t++) {
+                const __m256i xs = _mm256_sign_epi8(bcast4(qx + (size_t)(m0 + t) * K + k), v);  /* x·sign(w) */
+                isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(_mm256_maddubs_epi16(av, xs), ones));
+            }
+        }
+        for (int t = 0; t < MT; t++) {
+            const float d = dx[(size_t)(m0 + t) * (K / G) + g];
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_mul_ps(scale, _mm256_set1_ps(d)), acc[t]);
+        }
+    }
+    for (int t = 0; t < MT; t++) _mm256_storeu_ps(y + (size_t)(m0 + t) * ldy + 8 * (size_t)rb, acc[t]);
+}
+
+/* x fp32 [M, K] · W (int8 layout above) -> y fp32 [M, N]; row_scale fp32 [N] or NULL (grouped) */
+void phi3_int8_matmul(const float *x, int M, int K, const uint8_t *W, int N, int G, const float *row_scale,
+                      float *y, int nthreads) {
+    int ng = K / G, nrb = N / 8, grouped = row_scale == NULL;
+    int8_t *qx = malloc((size_t)M * K);
+    float *dx = malloc(sizeof(float) * (size_t)M * ng * 2), *sx = dx + (size_t)M * ng;
+    quantize_rows(x, M, K, G, qx, dx, sx);
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int rb = 0; rb < nrb; rb++) {
+        int m0 = 0;
+        for (; m0 + 4 <= M; m0 += 4) int8_block(W, ng, G, grouped, qx, dx, K, m0, y, N, rb, 4);
+        switch (M - m0) {
+            case 3: int8_block(W, ng, G, grouped, qx, dx, K, m0, y, N, rb, 3); break;
+            case 2: int8_block(W, ng, G, grouped, qx, dx, K, m0, y, N, rb, 2); break;
+            case 1: int8_block(W, ng, G, grouped, qx, dx, K, m0, y, N, rb, 1); break;
+        }
+        if (!grouped) {
+            const __m256 rs = _mm256_loadu_ps(row_scale + 8 * (size_t)rb);
+            for (int m = 0; m < M; m++) {
+                float *yp = y + (size_t)m * N + 8 * (size_t)rb;
+                _mm256_storeu_ps(yp, _mm256_mul_ps(_mm256_loadu_ps(yp), rs));
+            }
+        }
+    }
+    free(qx);
+    free(dx);
+}

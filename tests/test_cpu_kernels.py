@@ -1,0 +1,105 @@
+"""The native AVX2 int4/int8 kernels against a plain emulation of what they compute, and the layouts."""
+
+import pytest
+import torch
+
+from phi3 import cpu_kernels
+from phi3.quant import Int4Linear, Int8Linear
+
+lib = cpu_kernels.library()
+needs_native = pytest.mark.skipif(lib is None, reason="no AVX2/FMA/F16C CPU or no C compiler here")
+
+
+def quantized_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+    """What the kernels do to x [m, k], as llama.cpp's Q8_0: int8 per block of `block`,
+    q = round(x·127/amax), scale amax/127 rounded to fp16; returned dequantized in float64. The kernels must equal this times the dequantized
+    weights: in particular the min term of int4 uses the same rounded activations, so that with
+    Q4_0's min = −8·scale the two terms cancel as in the dequantized product."""
+    m, k = x.shape
+    xb = x.view(m, k // block, block)
+    amax = xb.abs().amax(-1)
+    q = torch.round(xb * (torch.full_like(amax, 127.0) / amax)[..., None])  # (127 / amax is 127 · 1/amax)
+    d = (amax / 127).half()
+    return (q.double() * d.double()[..., None]).view(m, k)
+
+
+def test_native_kernels_are_built_on_this_ci_machine():
+    """CI runs on x86-64 with gcc: the fast path must really be in use there."""
+    import platform
+    import shutil
+    if platform.machine() == "x86_64" and shutil.which("cc") and "avx2" in open("/proc/cpuinfo").read():
+        assert lib is not None
+
+
+@needs_native
+@pytest.mark.parametrize("n,k,group,m", [(40, 64, 32, 1), (37, 128, 64, 5), (64, 256, 128, 7), (24, 256, 256, 4)])
+def test_int4_kernel_equals_emulation(n, k, group, m):
+    g = torch.Generator().manual_seed(n)
+    q = torch.randint(0, 16, (n, k), generator=g)
+    scales = torch.rand(n, k // group, generator=g).half()
+    mins = torch.randn(n, k // group, generator=g).half() if n % 2 else (-8 * scales.float()).half()  # Q4_0
+    x = torch.randn(m, k, generator=g) * (1 + 20 * (torch.rand(m, k, generator=g) > 0.98))  # outliers
+    packed = cpu_kernels.pack_int4(q, scales, mins, group)
+    assert packed.shape == (-(-n // 8), k // group, 32 + 4 * group)
+    q2, s2, m2 = cpu_kernels.unpack_int4(packed, n, k, group)
+    assert torch.equal(q2.long(), q) and torch.equal(s2, scales) and torch.equal(m2, mins)
+
+    w = q.double().view(n, k // group, group) * scales.double()[..., None] + mins.double()[..., None]
+    expected = quantized_activations(x, group) @ w.view(n, k).T
+    got = cpu_kernels.int4_matmul(lib, x, packed, n, group)
+    assert got.shape == (m, n)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4 * expected.abs().max().item())
+
+
+@needs_native
+@pytest.mark.parametrize("n,k,group,m", [(40, 64, 32, 1), (37, 128, None, 5), (64, 96, 32, 6), (16, 64, None, 9)])
+def test_int8_kernel_equals_emulation(n, k, group, m):
+    g = torch.Generator().manual_seed(n)
+    q = torch.randint(-128, 128, (n, k), generator=g).to(torch.int8)  # −128 included: |w| must not overflow
+    block = cpu_kernels.int8_block(k, group)
+    scales = torch.rand(n, k // block, generator=g).half() if group else None
+    row_scales = None if group else torch.rand(n, generator=g)
+    packed = cpu_kernels.pack_int8(q, scales, block)
+    q2, s2 = cpu_kernels.unpack_int8(packed, n, k, block, grouped=group is not None)
+    assert torch.equal(q2, q) and (s2 is None if group is None else torch.equal(s2, scales))
+
+    x = torch.randn(m, k, generator=g)
+    w_scales = scales.double() if group else row_scales.double()[:, None].expand(n, k // block)
+    w = q.double().view(n, k // block, block) * w_scales[..., None]
+    expected = quantized_activations(x, block) @ w.view(n, k).T
+    got = cpu_kernels.int8_matmul(lib, x, packed, n, block,
+                                  None if group else cpu_kernels.pad_rows(row_scales))
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4 * expected.abs().max().item())
+
+
+@pytest.fixture(params=["native", "torch"])
+def backend(request, monkeypatch):
+    if request.param == "native" and lib is None:
+        pytest.skip("no native kernels on this machine")
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_kernels, "library", lambda: None)
+    return request.param
+
+
+@pytest.mark.parametrize("kind", ["int4-g32", "int4-g128", "int8", "q8_0"])
+def test_both_backends_agree_with_dequantized_weights_and_round_trip(backend, kind):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(80, 256, generator=g)
+    if kind.startswith("int4"):
+        layer = Int4Linear.quantize(w, int(kind[6:]), bias=torch.randn(80, generator=g))
+    elif kind == "int8":
+        layer = Int8Linear.quantize(w)
+    else:
+        layer = Int8Linear(torch.randint(-128, 128, (80, 256), generator=g).to(torch.int8),
+                           torch.rand(80, 8, generator=g).half())
+    assert (layer._lib is not None) == (backend == "native")
+    x = torch.randn(3, 4, 256, generator=g)
+    expected = x @ layer.dequantize().T + (0 if layer.bias is None else layer.bias)
+    got = layer(x)
+    assert got.shape == (3, 4, 80) and got.dtype == x.dtype
+    # both backends round the activations (bf16 for torch's kernels, int8 blocks for ours)
+    assert (got - expected).abs().max() < 0.02 * expected.abs().max()
+    stored = layer.stored()
+    again = type(layer).from_stored(stored, getattr(layer, "group_size", None))
+    assert stored.keys() == again.stored().keys()
+    assert all(torch.equal(stored[k], again.stored()[k]) for k in stored)
