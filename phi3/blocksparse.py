@@ -67,9 +67,111 @@ def _vertical_positions(pattern: SparsePattern, before_block: int, device) -> tu
     return torch.where(valid, pos, 0), valid
 
 
+_FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
 def blocksparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern,
+                        scale: float, chunk_blocks: int | None = None) -> torch.Tensor:
+    """Block-sparse causal attention for a sequence at positions 0..T-1.
+
+    q [b, H, T, d], k/v [b, KV, T, d] -> [b, H, T, d]. On CPU, queries go `chunk_blocks` blocks at a time
+    (default: the vertical stride) through PyTorch's fused flash-attention kernel, which returns each
+    row's log-sum-exp, so a chunk's attention is computed in up to three parts and merged exactly:
+
+    - A, the vertical cycles wholly before the chunk's first band: every head has exactly one block per
+      cycle there, all visible to every row of the chunk, so no mask (each head's own keys, gathered once);
+    - A2, the few vertical blocks after A that fall out of the band for some rows of the chunk (per-head
+      keys, a small mask: block before the row's band);
+    - B, the band span of the chunk (contiguous keys shared by a KV head's G query heads, whose queries
+      are stacked into one call), masked by "causal and within NL blocks", the same for every head.
+
+    Merging: out = Σ_i o_i · exp(lse_i − L), L = log Σ_i exp(lse_i) (in fp32). Elsewhere (other devices,
+    or a PyTorch without the kernel) the block-by-block path runs.
+    """
+    if _FUSED is None or q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16):
+        return _prefill_by_block(q, k, v, pattern, scale)
+    b, H, T, d = q.shape
+    KV, B, NL, V = k.shape[1], pattern.block, pattern.local_blocks, pattern.vert_stride
+    G = H // KV
+    C = chunk_blocks or V
+    n_blocks = (T + B - 1) // B
+    # each head's vertical keys by cycle: cycle j holds block phase(h) + V*j  ->  [b, H, cycles*B, d]
+    index, _ = _vertical_positions(pattern, n_blocks, q.device)
+    index = index.clamp(max=T - 1)  # blocks past the end are never read (masked or beyond every A/A2 range)
+    head_kv = torch.arange(H, device=q.device) // G
+    k_vert, v_vert = k[:, head_kv[:, None], index], v[:, head_kv[:, None], index]
+    phase = pattern.phases().to(q.device)  # [H]
+    masks: dict = {}
+    neg = float("-inf")
+
+    def band_mask(first, n_rows, n_cols):
+        """B: rows = G stacked copies of the chunk's queries, keys from the band's first block."""
+        key = ("B", first, n_rows, n_cols)
+        if key not in masks:
+            t = first * B + torch.arange(n_rows, device=q.device)  # relative to the span start
+            s = torch.arange(n_cols, device=q.device)
+            ok = (s[None, :] <= t[:, None]) & (t[:, None] // B - s[None, :] // B < NL)
+            m = torch.zeros(n_rows, n_cols, dtype=q.dtype, device=q.device).masked_fill_(~ok, neg)
+            masks[key] = m.repeat(G, 1)  # [G*n, S]
+        return masks[key]
+
+    def tail_mask(qb0, cyc0, n_cyc, n_rows):
+        """A2: vertical block phase(h) + V*(cyc0 + c) is read by a row of block qb iff it is before qb's band."""
+        key = ("A2", qb0 - cyc0 * V, n_cyc, n_rows)
+        if key not in masks:
+            qb = (qb0 - cyc0 * V) + torch.arange(n_rows, device=q.device) // B  # shifted by a multiple of V
+            kb = phase[:, None] + V * (torch.arange(n_cyc * B, device=q.device) // B)[None, :]  # [H, n]
+            ok = kb[:, None, :] < (qb - NL + 1)[None, :, None]  # [H, rows, n]
+            m = torch.zeros(ok.shape, dtype=q.dtype, device=q.device).masked_fill_(~ok, neg)
+            masks[key] = (m, ok.any(-1))  # rows with no key here get lse = -inf
+        return masks[key]
+
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    starts = [0] + list(range((NL - 1) % V or V, n_blocks, V)) if C == V else list(range(0, n_blocks, C))
+    starts = sorted(set(s for s in starts if s < n_blocks))
+    for i, qb0 in enumerate(starts):
+        qb1 = starts[i + 1] if i + 1 < len(starts) else n_blocks
+        lo, hi = qb0 * B, min(T, qb1 * B)
+        n = hi - lo
+        q_blk = q[:, :, lo:hi]  # [b, H, n, d]
+        parts = []
+        # B: the band span, G query heads stacked per KV head
+        first = max(0, qb0 - NL + 1)
+        m = band_mask(qb0 - first, n, hi - first * B).expand(b, KV, G * n, hi - first * B)
+        o, lse = _FUSED(q_blk.reshape(b, KV, G * n, d), k[:, :, first * B:hi], v[:, :, first * B:hi],
+                        attn_mask=m, scale=scale)
+        parts.append((o.reshape(b, H, n, d), lse.reshape(b, H, n)))
+        # A: whole vertical cycles before the first band of the chunk
+        cyc_a = first // V
+        if cyc_a:
+            o, lse = _FUSED(q_blk, k_vert[:, :, :cyc_a * B], v_vert[:, :, :cyc_a * B], scale=scale)
+            parts.append((o, lse))
+        # A2: vertical blocks from cycle cyc_a on that leave the band of some row of the chunk
+        last_band = qb1 - NL + 1  # band start of the chunk's last block row
+        n_cyc = max(0, -(-(last_band - cyc_a * V) // V)) if last_band > cyc_a * V else 0
+        if n_cyc:
+            m, has = tail_mask(qb0, cyc_a, n_cyc, n)
+            if bool(has.any()):
+                sl = slice(cyc_a * B, (cyc_a + n_cyc) * B)
+                o, lse = _FUSED(q_blk, k_vert[:, :, sl], v_vert[:, :, sl], attn_mask=m.expand(b, -1, -1, -1),
+                                scale=scale)
+                parts.append((o, lse.masked_fill(~has, neg)))
+        if len(parts) == 1:
+            out[:, :, lo:hi] = parts[0][0]
+            continue
+        lses = torch.stack([p[1] for p in parts])  # [P, b, H, n]
+        w = (lses - lses.logsumexp(0)).exp_().unsqueeze(-1)  # [P, b, H, n, 1]
+        acc = parts[0][0].float() * w[0]
+        for j in range(1, len(parts)):
+            acc += parts[j][0].float() * w[j]
+        out[:, :, lo:hi] = acc
+    return out
+
+
+def _prefill_by_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern,
                         scale: float) -> torch.Tensor:
-    """Block-sparse causal attention for a sequence at positions 0..T-1, one query block at a time.
+    """`blocksparse_prefill` for devices without the fused CPU kernel: one query block at a time.
 
     q [b, H, T, d], k/v [b, KV, T, d] -> [b, H, T, d]. Query block qb reads only
     - its band: key blocks qb-NL+1 .. qb, shared by the G query heads of a KV head (one matmul per KV

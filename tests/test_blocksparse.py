@@ -122,3 +122,16 @@ def test_rows_with_different_lengths_and_padding():
     assert (out[0] - expected[0]).abs().max() < 1e-5
     assert (out[1, :, pad:] - expected[0, :, :T - pad]).abs().max() < 1e-5
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("chunk", [1, 3, 5, 9])
+def test_prefill_any_query_chunk_is_exact(pattern, chunk):
+    """The fused CPU path merges up to three partial softmaxes per chunk of query blocks; any chunk size
+    (aligned to the vertical stride or not) gives the dense result, as does the block-by-block path."""
+    from phi3.blocksparse import _prefill_by_block
+
+    q, k, v = qkv(pattern, 300)
+    expected = reference_attention(q, k, v, pattern, 1 / 16)
+    assert (blocksparse_prefill(q, k, v, pattern, 1 / 16, chunk_blocks=chunk) - expected).abs().max() < 1e-5
+    assert (_prefill_by_block(q, k, v, pattern, 1 / 16) - expected).abs().max() < 1e-5

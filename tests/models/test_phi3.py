@@ -23,6 +23,20 @@ def make_pair(preset: str, **kw):
     return ref, ours
 
 
+# Every released text checkpoint with a preset. Phi-3-small-128k-instruct is missing on purpose: no
+# trustworthy copy of its config.json (LongRoPE factors, mscales) was found (presets/SOURCES.md).
+ALL_PRESETS = PRESETS + ["phi-3-small-8k-instruct", "phi-3.5-moe-instruct"]
+
+
+def test_every_preset_loads_with_one_factor_per_rotary_pair():
+    assert set(ALL_PRESETS) == set(list_presets())
+    for name in ALL_PRESETS:
+        cfg = load_preset(name)
+        if cfg.rope_scaling is not None:
+            for key in ("short_factor", "long_factor"):
+                assert len(cfg.rope_scaling[key]) == cfg.rotary_dim // 2, (name, key)
+
+
 def test_every_released_preset_is_present_and_valid():
     assert set(PRESETS) <= set(list_presets())
     mini = load_preset("phi-3-mini-4k-instruct")

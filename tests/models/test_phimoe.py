@@ -9,12 +9,14 @@ import torch
 import transformers
 
 from phi3.checkpoint import build_model, load_hf_checkpoint, save_hf_checkpoint
-from phi3.config import config_from_hf_dict
+from phi3.config import config_from_hf_dict, load_preset
 from phi3.errors import ConfigError
 from phi3.generate import SamplingParams, generate_tokens
 from phi3.models.phi3 import Cache
 from phi3.models.phimoe import PhiMoEConfig, PhiMoEForCausalLM, dispatch_grouped, sparsemixer_top2
 from phi3.quant import quantize_model
+
+from ..conftest import scaled_down
 
 L0 = 16
 MSCALE = 1.243163121016122  # the release's short_mscale = long_mscale
@@ -248,3 +250,48 @@ def test_runs_through_phi3_load_and_the_cli(tmp_path, capsys):
     assert text.strip() == tok.decode(expected).strip()
     assert main(["generate", "The sky is", "--model", str(tmp_path), "-n", "5", "-t", "0"]) == 0
     assert capsys.readouterr().out.strip() == lm.generate("The sky is", max_new_tokens=5).strip()
+
+
+# ---- the release preset (phi3/presets/phi-3.5-moe-instruct.json; sources in presets/SOURCES.md) ----------
+RELEASE = "phi-3.5-moe-instruct"
+
+
+def test_release_preset_has_the_spec_numbers():
+    cfg = load_preset(RELEASE)
+    assert isinstance(cfg, PhiMoEConfig)
+    # spec §3.1
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (32064, 4096, 6400, 32)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (32, 8, 128)
+    assert (cfg.num_local_experts, cfg.num_experts_per_tok, cfg.router_jitter_noise) == (16, 2, 0.01)
+    assert (cfg.max_position_embeddings, cfg.original_max_position_embeddings, cfg.rope_theta) == (131072, 4096, 1e4)
+    assert cfg.raw["input_jitter_noise"] == 0.01
+    assert cfg.attention_bias and cfg.lm_head_bias and not cfg.tie_word_embeddings
+    assert cfg.is_longrope and cfg.short_mscale == cfg.long_mscale == MSCALE
+    rs = cfg.raw["rope_scaling"]
+    assert rs["type"] == "longrope" and rs["original_max_position_embeddings"] == 4096
+    # one factor per rotary pair: head_dim / 2 = 64
+    assert len(cfg.rope_scaling["short_factor"]) == len(cfg.rope_scaling["long_factor"]) == cfg.rotary_dim // 2 == 64
+    # the first 8 entries as an independent copy has them (tests that load microsoft/Phi-3.5-MoE-instruct)
+    assert cfg.rope_scaling["long_factor"][:8] == [1.0199999809265137, 1.0299999713897705, 1.0399999618530273] + \
+        [1.0499999523162842] * 3 + [1.059999942779541] * 2
+    assert cfg.rope_scaling["short_factor"][:8] == [1.0] + [1.0399999618530273] * 3 + [1.0499999523162842] * 4
+    assert cfg.rope_scaling["long_factor"][-1] == 64.95999908447266
+    assert cfg.rope_scaling["short_factor"][-1] == 2.7899999618530273
+    # spec §3.2 derived parameter counts
+    assert abs(cfg.num_parameters() / 1e9 - 41.87) < 0.01 and abs(cfg.active_parameters() / 1e9 - 6.64) < 0.01
+
+
+def test_release_preset_structure_scaled_down_matches_transformers():
+    """The preset's structure (GQA 4:1, biases, LongRoPE with its own mscale, picked factors) at toy size."""
+    raw = scaled_down(RELEASE, original=L0, vocab=96)
+    raw.update(num_local_experts=4, intermediate_size=64)
+    raw["rope_scaling"]["original_max_position_embeddings"] = L0
+    assert len(raw["rope_scaling"]["long_factor"]) == 8
+    ref = transformers.PhimoeForCausalLM(transformers.PhimoeConfig(**raw)).eval()
+    hf_rotary_follows_seq_len(ref)
+    cfg = config_from_hf_dict(raw)
+    assert (cfg.num_attention_heads // cfg.num_key_value_heads, cfg.short_mscale) == (4, MSCALE)
+    ours = build_model(cfg, to_original_names(ref.state_dict(), cfg), torch.float32)
+    ids = torch.randint(0, 96, (2, 2 * L0 + 3))  # past L0: the long factors
+    with torch.no_grad():
+        assert (ref(ids).logits - ours(ids)).abs().max() < 1e-4
