@@ -140,11 +140,14 @@ weight = 1
     assert teacher.answered() == calls and again["annotate"]["cached"] == 12
     assert (out / "mix" / "phase2" / "manifest.json").read_text() == before
 
-    # ... and on to phase-1 / phase-2 token shards for `phi3 train pretrain`
-    from phi3.data.tokenize import TokenShards, tokenize
+    # ... and on to phase-1 / phase-2 token shards for `phi3 train pretrain`, with `phi3 data tokenize`
+    from phi3.cli import main
+    from phi3.data.tokenize import TokenShards
     for phase in ("phase1", "phase2"):
         m = json.loads((out / "mix" / phase / "manifest.json").read_text())
-        index = tokenize([out / "mix" / phase / n for n in m["shards"]], out / "tokens" / phase, progress=False)
+        assert main(["data", "tokenize", *(str(out / "mix" / phase / n) for n in m["shards"]),
+                     "--out", str(out / "tokens" / phase), "--no-progress"]) == 0
+        index = json.loads((out / "tokens" / phase / "index.json").read_text())
         shards = TokenShards(out / "tokens" / phase)
         # the mixer counted tokens with the same (default) tokenizer; tokenize adds one EOS per document
         assert shards.tokens == index["tokens"] == m["tokens"] + m["documents"]
