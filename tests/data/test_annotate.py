@@ -26,6 +26,7 @@ CONCURRENCY = 4  # requests in flight: the server decodes them together (continu
     ("3", 3), ("Educational score: 4", 4), ("The score is 0.", 0), ("**Score:** 5/5", 5),
     ("1. The text is fine", 1), ("I'd give it a 2 out of 5", 2), ("Points: 7 of 10; score: 3", 3),
     ("The answer is 10.", None), ("no idea", None), ("", None), ("2.5 stars", None),
+    ("2to3 is a Python 2 to 3 code translator.", 2), ("2to3 translates code", None), ("the 3rd module", None),
 ])
 def test_parse_score_takes_the_first_rubric_integer(answer, score):
     assert parse_score(answer) == score
