@@ -1,5 +1,11 @@
+import contextlib
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -75,3 +81,56 @@ def scaled_down(preset: str, layers: int = 2, head_dim: int = 16, original: int 
     if raw.get("sliding_window") and raw["sliding_window"] < raw["max_position_embeddings"]:
         cfg["sliding_window"] = cfg["max_position_embeddings"] // 2 - 1
     return cfg
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServeProcess:
+    url: str           # http://127.0.0.1:<port>
+    proc: subprocess.Popen
+    log: Path          # the server's stderr
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def phi3_serve(args: list[str], log: Path, env: dict | None = None, timeout: float = 180.0):
+    """`phi3 serve ARGS --port <free port>` as a user runs it: a real process, ready once /health answers.
+
+    Its stderr goes to `log` (a file, so a long-lived server never blocks on a full pipe). The
+    process is terminated on exit (killed if it does not stop in 30 s)."""
+    import httpx
+
+    port = free_port()
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "phi3.cli", "serve", "--port", str(port), *args],
+                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    server = ServeProcess(f"http://127.0.0.1:{port}", proc, log)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"phi3 serve exited with {proc.returncode}: {server.stderr()[-2000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"phi3 serve did not answer /health in {timeout:.0f} s: {server.stderr()[-2000:]}")
+            try:
+                if httpx.get(server.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

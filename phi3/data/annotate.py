@@ -19,8 +19,9 @@ from ..errors import Phi3Error
 from .io import content_hash, list_shards, read_records, write_json, write_records
 from .teacher import Cache, Teacher, TeacherConfig
 
-_SCORE_AFTER_LABEL = re.compile(r"score\s*(?:is|of|=|:)?\s*\**\s*([0-5])(?![0-9]|[.,][0-9])", re.IGNORECASE)
-_FIRST_DIGIT = re.compile(r"(?<![0-9.])([0-5])(?![0-9]|[.,][0-9])")
+# a digit standing alone: not part of a number (10, 2.5) nor of a word (2to3, 3rd, v1)
+_SCORE_AFTER_LABEL = re.compile(r"score\s*(?:is|of|=|:)?\s*\**\s*([0-5])(?!\w|[.,][0-9])", re.IGNORECASE)
+_FIRST_DIGIT = re.compile(r"(?<![\w.])([0-5])(?!\w|[.,][0-9])")
 
 
 def default_prompt_path() -> Path:

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from ..errors import Phi3Error
-from .io import SHARD_SUFFIXES, normalize, read_records, write_json
+from .io import SHARD_SUFFIXES, normalize, read_records
 from .stage import filter_shard, run_stage
 
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)

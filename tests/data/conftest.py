@@ -4,27 +4,24 @@ The corpus is cut from Debian's documentation packages (python3.11-doc, python-s
 python-django-doc), the Python standard library sources and Debian's fortunes (`make data-deps`
 installs the packages; CI does it in .ci/run), with injected exact and near duplicates.
 
-The teacher is an OpenAI-compatible server started by the test session on 127.0.0.1 that runs the
-default SmolLM2 model. It is `tests/data/teacher_server.py` until `phi3 serve` lands; to use
-another server, set PHI3_TEST_TEACHER_CMD, e.g. "phi3 serve --port {port}".
+The teacher is `phi3 serve` with the default model (SmolLM2-135M-Instruct), started by the test
+session as a real process on a free 127.0.0.1 port; the tests talk to it over HTTP, and count what
+it answered from its Prometheus counters (/metrics).
 """
 
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
-HERE = Path(__file__).resolve().parent
+from ..conftest import ServeProcess, phi3_serve
+
 PY_DOCS = Path("/usr/share/doc/python3.11/html/library")
 SKLEARN_DOCS = Path("/usr/share/doc/python-sklearn-doc/html/modules")
 DJANGO_DOCS = Path("/usr/share/doc/python-django-doc/html/topics")
@@ -86,47 +83,53 @@ def corpus_shards(raw_corpus, tmp_path_factory) -> Path:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
-class TeacherServer:
-    base_url: str
-    log: Path
-    model: str = "smollm2"
+class Teacher:
+    """`phi3 serve` running the default model: its OpenAI base URL, model id and Prometheus counters."""
+    server: ServeProcess
+    model: str
 
-    def calls(self) -> list[str]:
-        """sha256 of every prompt the server has answered, in order."""
-        return self.log.read_text().split() if self.log.exists() else []
+    @property
+    def base_url(self) -> str:
+        return self.server.url + "/v1"
+
+    def _metrics(self) -> dict[tuple, float]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(self.server.url + "/metrics", timeout=10).text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def answered(self) -> int:
+        """Chat completions the server has answered (HTTP 200) so far: its `phi3_requests_total` counter."""
+        labels = (("endpoint", "/v1/chat/completions"), ("status", "200"))
+        return int(self._metrics().get(("phi3_requests_total", labels), 0))
+
+    def settle(self, timeout: float = 120.0) -> int:
+        """Wait until nothing is queued or decoding and the answered count holds still; return it.
+
+        A killed client leaves its requests in flight: the server still answers them (to nobody)."""
+        deadline, last = time.monotonic() + timeout, None
+        while time.monotonic() < deadline:
+            m = self._metrics()
+            busy = m.get(("phi3_active_slots", ()), 0) + m.get(("phi3_queue_depth", ()), 0)
+            count = self.answered()
+            if not busy and count == last:
+                return count
+            last = count
+            time.sleep(0.5)
+        pytest.fail(f"the teacher server was still busy after {timeout:.0f} s")
 
 
 @pytest.fixture(scope="session")
 def teacher(tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("teacher") / "calls.txt"
-    custom = os.environ.get("PHI3_TEST_TEACHER_CMD")
-    cmd = shlex.split(custom.format(port=port)) if custom else \
-        [sys.executable, str(HERE / "teacher_server.py"), "--port", str(port), "--log", str(log)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            urllib.request.urlopen(base + "/models", timeout=2).read()
-            break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(f"teacher server exited: {proc.stderr.read()[-2000:]}")
-            if time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("teacher server did not start in 300 s")
-            time.sleep(0.5)
-    yield TeacherServer(base, log)
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    """`phi3 serve` with the default model (SmolLM2-135M-Instruct) on a free loopback port, for the session.
+
+    Short contexts (every test prompt plus its reply fits in 512 tokens) keep the KV slots small;
+    8 slots let concurrent requests share decode steps (continuous batching). One torch thread: the
+    tests' own processes need the other core, and on a busy machine two OpenMP threads waiting on
+    each other make a 135M model several times slower."""
+    log = tmp_path_factory.mktemp("teacher") / "serve.log"
+    with phi3_serve(["--ctx", "512", "--slots", "8", "--threads", "1"], log, timeout=300) as server:
+        model = httpx.get(server.url + "/v1/models", timeout=10).json()["data"][0]["id"]
+        yield Teacher(server, model)

@@ -1,6 +1,5 @@
 """Annotation with a real teacher LLM over real HTTP; kill part-way and rerun."""
 
-import hashlib
 import json
 import os
 import signal
@@ -20,12 +19,14 @@ SHORT_PROMPT = ("Rate the educational value of this text for a student, from 0 (
                 "(excellent: a clear textbook explanation).\n\nText: \"\"\"{document}\"\"\"\n\n"
                 "Answer with one digit from 0 to 5.")
 SAMPLE, MAX_CHARS, MAX_TOKENS = 8, 300, 4
+CONCURRENCY = 4  # requests in flight: the server decodes them together (continuous batching)
 
 
 @pytest.mark.parametrize("answer,score", [
     ("3", 3), ("Educational score: 4", 4), ("The score is 0.", 0), ("**Score:** 5/5", 5),
     ("1. The text is fine", 1), ("I'd give it a 2 out of 5", 2), ("Points: 7 of 10; score: 3", 3),
     ("The answer is 10.", None), ("no idea", None), ("", None), ("2.5 stars", None),
+    ("2to3 is a Python 2 to 3 code translator.", 2), ("2to3 translates code", None), ("the 3rd module", None),
 ])
 def test_parse_score_takes_the_first_rubric_integer(answer, score):
     assert parse_score(answer) == score
@@ -61,10 +62,6 @@ def _saved(db) -> int:
         return 0
 
 
-def _prompt_hashes(records, template):
-    return [hashlib.sha256(build_prompt(template, r["text"], MAX_CHARS).encode()).hexdigest() for r in records]
-
-
 def test_annotation_killed_part_way_resumes_without_reasking_or_losing(teacher, corpus_shards, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text(SHORT_PROMPT)
@@ -72,7 +69,7 @@ def test_annotation_killed_part_way_resumes_without_reasking_or_losing(teacher, 
     args = [sys.executable, "-m", "phi3.cli", "data", "annotate", str(corpus_shards), "--out", str(out),
             "--base-url", teacher.base_url, "--model", teacher.model, "--sample", str(SAMPLE),
             "--max-chars", str(MAX_CHARS), "--max-tokens", str(MAX_TOKENS), "--prompt", str(prompt),
-            "--concurrency", "2"]
+            "--concurrency", str(CONCURRENCY)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while _saved(out / "cache.sqlite") < 3:
@@ -83,7 +80,7 @@ def test_annotation_killed_part_way_resumes_without_reasking_or_losing(teacher, 
     proc.wait()
     assert not (out / "annotations.jsonl").exists()
 
-    cfg = TeacherConfig(base_url=teacher.base_url, model=teacher.model, max_tokens=MAX_TOKENS, concurrency=2)
+    cfg = TeacherConfig(base_url=teacher.base_url, model=teacher.model, max_tokens=MAX_TOKENS, concurrency=CONCURRENCY)
     template = load_prompt(prompt)
     sample = sample_records(corpus_shards, SAMPLE, seed=0)
     cache = Cache(out / "cache.sqlite")
@@ -92,15 +89,17 @@ def test_annotation_killed_part_way_resumes_without_reasking_or_losing(teacher, 
     cache.close()
     assert 3 <= len(cached) < SAMPLE  # killed part-way, with answers saved
 
-    mark = len(teacher.calls())
+    # The killed run's requests still in flight are answered (to nobody): wait for that, then count.
+    mark = teacher.settle()
     report = annotate(corpus_shards, out, cfg, sample=SAMPLE, prompt_path=prompt, max_chars=MAX_CHARS)
-    asked = teacher.calls()[mark:]
-    hashes = _prompt_hashes(sample, template)
-    missing = {h for i, h in enumerate(hashes) if i not in cached}
-    # only the missing were asked: nothing saved before the kill was asked again. (The log may also show
-    # the killed run's requests still in flight at the kill, at most --concurrency of them.)
-    assert set(asked) == missing and len(asked) <= len(missing) + 2
-    assert report["cached"] == len(cached) and report["teacher_calls"] == SAMPLE - len(cached)
+    asked = teacher.answered() - mark
+    # The server answered exactly as many requests as were missing, and (below) every sampled document
+    # now has its answer: so each missing one was asked once and nothing saved before the kill again.
+    assert asked == SAMPLE - len(cached) == report["teacher_calls"]
+    assert report["cached"] == len(cached)
+    cache = Cache(out / "cache.sqlite")
+    assert len(cache) == SAMPLE
+    cache.close()
 
     rows = list(read_records(out / "annotations.jsonl"))
     assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in sample)  # nothing lost, nothing duplicated
@@ -112,7 +111,7 @@ def test_annotation_killed_part_way_resumes_without_reasking_or_losing(teacher, 
     stats = json.loads((out / "stats.json").read_text())
     assert stats == report
 
-    mark = len(teacher.calls())
+    mark = teacher.answered()
     again = annotate(corpus_shards, out, cfg, sample=SAMPLE, prompt_path=prompt, max_chars=MAX_CHARS)
-    assert len(teacher.calls()) == mark and again["cached"] == SAMPLE  # a rerun costs nothing
+    assert teacher.answered() == mark and again["cached"] == SAMPLE  # a rerun costs nothing
     assert list(read_records(out / "annotations.jsonl")) == rows

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from phi3.data.io import list_shards, read_records, write_records
+from phi3.data.io import read_records
 from phi3.data.mix import build_mixtures, check_spec, draw, load_spec
 from phi3.data.mix import load_tokenizer
 from phi3.errors import Phi3Error

@@ -1,6 +1,6 @@
 """The whole chain on real offline text: raw files -> phase-1 and phase-2 mixture shards + manifests.
 
-The teacher is a real LLM (SmolLM2-135M) behind a real OpenAI-compatible HTTP server on loopback.
+The teacher is a real LLM: `phi3 serve` with the default model (SmolLM2-135M-Instruct) on loopback.
 """
 
 import json
@@ -23,7 +23,7 @@ def test_raw_files_to_phase_mixtures(raw_corpus, teacher, tmp_path):
     quote = " ".join(words(html_to_text(heapq_text))[300:320])
     write_records(tmp_path / "evals" / "qa.jsonl", [{"id": "q", "text": f"Q: {quote}?"}])
     (tmp_path / "prompt.txt").write_text(SHORT_PROMPT)
-    t = f'base_url = "{teacher.base_url}"\nmodel = "{teacher.model}"\nconcurrency = 2\n'
+    t = f'base_url = "{teacher.base_url}"\nmodel = "{teacher.model}"\nconcurrency = 4\n'
     cfg = tmp_path / "pipeline.toml"
     cfg.write_text(f'''
 out = "out"
@@ -134,17 +134,20 @@ weight = 1
     assert all(not s["short"] for s in m1["sources"])
 
     # a rerun finds every stage done: no teacher call, the same mixtures
-    calls = len(teacher.calls())
+    calls = teacher.answered()
     before = (out / "mix" / "phase2" / "manifest.json").read_text()
     again = run_pipeline(cfg)
-    assert len(teacher.calls()) == calls and again["annotate"]["cached"] == 12
+    assert teacher.answered() == calls and again["annotate"]["cached"] == 12
     assert (out / "mix" / "phase2" / "manifest.json").read_text() == before
 
-    # ... and on to phase-1 / phase-2 token shards for `phi3 train pretrain`
-    from phi3.data.tokenize import TokenShards, tokenize
+    # ... and on to phase-1 / phase-2 token shards for `phi3 train pretrain`, with `phi3 data tokenize`
+    from phi3.cli import main
+    from phi3.data.tokenize import TokenShards
     for phase in ("phase1", "phase2"):
         m = json.loads((out / "mix" / phase / "manifest.json").read_text())
-        index = tokenize([out / "mix" / phase / n for n in m["shards"]], out / "tokens" / phase, progress=False)
+        assert main(["data", "tokenize", *(str(out / "mix" / phase / n) for n in m["shards"]),
+                     "--out", str(out / "tokens" / phase), "--no-progress"]) == 0
+        index = json.loads((out / "tokens" / phase / "index.json").read_text())
         shards = TokenShards(out / "tokens" / phase)
         # the mixer counted tokens with the same (default) tokenizer; tokenize adds one EOS per document
         assert shards.tokens == index["tokens"] == m["tokens"] + m["documents"]

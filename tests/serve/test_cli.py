@@ -2,14 +2,13 @@
 
 import os
 import socket
-import subprocess
-import sys
-import time
 
 import httpx
 
 from phi3.checkpoint import save_hf_checkpoint
 from phi3.cli import main
+
+from ..conftest import phi3_serve
 
 
 def test_bad_serve_arguments_are_one_line_errors(capsys):
@@ -21,31 +20,16 @@ def test_bad_serve_arguments_are_one_line_errors(capsys):
 
 def test_serve_process_binds_loopback_and_requires_the_key_from_the_environment(tmp_path, tiny_lm):
     save_hf_checkpoint(tiny_lm.model, tmp_path / "tiny", tokenizer=tiny_lm.tokenizer)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = dict(os.environ, PHI3_API_KEY="k3y")
-    proc = subprocess.Popen([sys.executable, "-m", "phi3.cli", "serve", "--model", str(tmp_path / "tiny"),
-                             "--port", str(port), "--slots", "2", "--ctx", "64"],
-                            env=env, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+    with phi3_serve(["--model", str(tmp_path / "tiny"), "--slots", "2", "--ctx", "64"],
+                    tmp_path / "serve.log", env=env, timeout=120) as server:
+        url, port = server.url, int(server.url.rsplit(":", 1)[1])
         assert httpx.get(url + "/v1/models").status_code == 401
         r = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k3y"})
         assert r.status_code == 200 and r.json()["data"][0]["id"] == "tiny"
         assert _listening_addresses(port) == {"127.0.0.1"}  # loopback only, by default
         assert "<title>phi3 chat</title>" in httpx.get(url + "/").text
-    finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=30)
+    err = server.stderr()
     assert f"on http://127.0.0.1:{port}" in err and "API key required" in err
 
 
