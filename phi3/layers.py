@@ -18,11 +18,36 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused op (same numbers)
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+                return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # same numbers as below
+            return _RMSNorm.apply(x, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """fp32 RMSNorm with a hand-written backward: about half the passes over the activations of
+    autograd's pow / mean / rsqrt / mul graph, and only x and the per-row scale saved."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, r)
+        return torch.mul(x, r).mul_(weight)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, r = ctx.saved_tensors
+        xhat = x * r
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (g * xhat).flatten(0, -2).sum(0)
+        gw = g * weight
+        m = (gw * xhat).mean(-1, keepdim=True)
+        dx = gw.addcmul_(xhat, m, value=-1).mul_(r)  # r (g w - xhat mean(g w xhat))
+        return dx, dw, None
 
 
 class RotaryEmbedding(nn.Module):
@@ -157,11 +182,11 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, cache_start: int = 0):
         b, t, _ = x.shape
         qkv = self.qkv_proj(x).view(b, t, self.n_heads + 2 * self.n_kv, self.head_dim)
-        # RoPE on q and k together ([B, T, H + KV, d] against cos / sin laid out [B, T, 1, rot])
-        qk = apply_rotary(qkv[:, :, :self.n_heads + self.n_kv], cos.transpose(1, 2), sin.transpose(1, 2))
-        q = qk[:, :, :self.n_heads].transpose(1, 2)  # [B, H, T, d]
-        k = qk[:, :, self.n_heads:].transpose(1, 2)  # [B, KV, T, d]
-        v = qkv[:, :, self.n_heads + self.n_kv:].transpose(1, 2)  # [B, KV, T, d]
+        # split (its backward is one concatenation; slicing would zero-fill a full-size gradient per
+        # slice), then RoPE on q and k together ([B, T, H + KV, d] against cos / sin as [B, T, 1, rot])
+        qk, v = qkv.split([self.n_heads + self.n_kv, self.n_kv], dim=2)
+        q, k = apply_rotary(qk, cos.transpose(1, 2), sin.transpose(1, 2)).split([self.n_heads, self.n_kv], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H or KV, T, d]
         if cache is not None:
             k, v = cache.update(cache_start, k, v)  # [B, KV, S, d]
         # mask None (no cache): plain causal attention, which SDPA computes without a mask tensor
@@ -179,8 +204,33 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return self.down_proj(_SwiGLU.apply(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(up * F.silu(gate))
+
+
+class _SwiGLU(torch.autograd.Function):
+    """up * silu(gate) from [gate | up]; the backward writes both halves of one gradient (no
+    concatenation) with aten's fused silu_backward."""
+
+    @staticmethod
+    def forward(ctx, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = F.silu(gate)
+        ctx.save_for_backward(gate_up, act)
+        return act.mul(up)
+
+    @staticmethod
+    def backward(ctx, g):
+        gate_up, act = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        d = torch.empty_like(gate_up)
+        d_gate, d_up = d.chunk(2, dim=-1)
+        torch.mul(g, act, out=d_up)
+        torch.ops.aten.silu_backward.grad_input(g * up, gate, grad_input=d_gate)
+        return d
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None,
