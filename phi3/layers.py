@@ -18,9 +18,36 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+                return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # same numbers as below
+            return _RMSNorm.apply(x, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """fp32 RMSNorm with a hand-written backward: about half the passes over the activations of
+    autograd's pow / mean / rsqrt / mul graph, and only x and the per-row scale saved."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, r)
+        return torch.mul(x, r).mul_(weight)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, r = ctx.saved_tensors
+        xhat = x * r
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (g * xhat).flatten(0, -2).sum(0)
+        gw = g * weight
+        m = (gw * xhat).mean(-1, keepdim=True)
+        dx = gw.addcmul_(xhat, m, value=-1).mul_(r)  # r (g w - xhat mean(g w xhat))
+        return dx, dw, None
 
 
 class RotaryEmbedding(nn.Module):
@@ -74,13 +101,56 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, head_dim]; rotate the first cos.shape[-1] channels, pass the rest through."""
-    rot = cos.shape[-1]
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    half = rot // 2
-    rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
-    out = x_rot * cos + rotated * sin
-    return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
+    """x [B, heads, T, head_dim]; rotate the first cos.shape[-1] channels, pass the rest through.
+
+    cos / sin must broadcast against x (e.g. [B, 1, T, rot], or [B, T, 1, rot] for x laid out
+    [B, T, heads, d]) and, as RotaryEmbedding builds them, repeat their first half in the second.
+    """
+    if (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)) or torch.compiler.is_compiling():
+        rot = cos.shape[-1]
+        x_rot, x_pass = x[..., :rot], x[..., rot:]
+        half = rot // 2
+        rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
+        out = x_rot * cos + rotated * sin
+        return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
+    return _Rotary.apply(x, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """x1 c - sign x2 s | x2 c + sign x1 s (sign -1: the transpose, i.e. the backward) into one
+    fresh tensor: four fused multiply-adds, no concatenations or negated copies."""
+    half = cos.shape[-1] // 2
+    c, s = cos[..., :half], sin[..., :half]
+    x1, x2 = x[..., :half], x[..., half:2 * half]
+    shape = torch.broadcast_shapes(x.shape, cos.shape[:-1] + (x.shape[-1],))
+    out = torch.empty(shape, dtype=torch.result_type(x, cos), device=x.device)
+    o1, o2 = out[..., :half], out[..., half:2 * half]
+    torch.mul(x1, c, out=o1)
+    o1.addcmul_(x2, s, value=-sign)
+    torch.mul(x2, c, out=o2)
+    o2.addcmul_(x1, s, value=sign)
+    if x.shape[-1] > 2 * half:
+        out[..., 2 * half:] = x[..., 2 * half:]
+    return out
+
+
+class _Rotary(torch.autograd.Function):
+    """RoPE is a rotation: its backward is the rotation by the opposite angle (no saved activations
+    beyond cos / sin, no zero-filled slice gradients)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        ctx.x_shape = x.shape
+        return _rotate(x, cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        g = _rotate(grad, cos, sin, -1.0)
+        if g.shape != ctx.x_shape:
+            g = g.sum_to_size(ctx.x_shape)
+        return g, None, None
 
 
 class KVCache(nn.Module):
@@ -111,16 +181,17 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, cache_start: int = 0):
         b, t, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(
-            [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=-1
-        )
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, d]
-        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # [B, KV, T, d]
-        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # [B, KV, T, d]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = self.qkv_proj(x).view(b, t, self.n_heads + 2 * self.n_kv, self.head_dim)
+        # split (its backward is one concatenation; slicing would zero-fill a full-size gradient per
+        # slice), then RoPE on q and k together ([B, T, H + KV, d] against cos / sin as [B, T, 1, rot])
+        qk, v = qkv.split([self.n_heads + self.n_kv, self.n_kv], dim=2)
+        q, k = apply_rotary(qk, cos.transpose(1, 2), sin.transpose(1, 2)).split([self.n_heads, self.n_kv], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H or KV, T, d]
         if cache is not None:
             k, v = cache.update(cache_start, k, v)  # [B, KV, S, d]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        # mask None (no cache): plain causal attention, which SDPA computes without a mask tensor
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
+                                             enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
@@ -133,8 +204,33 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return self.down_proj(_SwiGLU.apply(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(up * F.silu(gate))
+
+
+class _SwiGLU(torch.autograd.Function):
+    """up * silu(gate) from [gate | up]; the backward writes both halves of one gradient (no
+    concatenation) with aten's fused silu_backward."""
+
+    @staticmethod
+    def forward(ctx, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = F.silu(gate)
+        ctx.save_for_backward(gate_up, act)
+        return act.mul(up)
+
+    @staticmethod
+    def backward(ctx, g):
+        gate_up, act = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        d = torch.empty_like(gate_up)
+        d_gate, d_up = d.chunk(2, dim=-1)
+        torch.mul(g, act, out=d_up)
+        torch.ops.aten.silu_backward.grad_input(g * up, gate, grad_input=d_gate)
+        return d
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None,
@@ -155,3 +251,84 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int
         mask &= qp - kp < sliding_window
     mask |= ~mask.any(-1, keepdim=True)
     return mask[:, None]
+
+
+# ---- training loss ------------------------------------------------------------------------------
+LOGITS_CHUNK_ELEMENTS = 1 << 23  # rows per chunk x vocab: 32 MiB of fp32 logits at a time
+
+
+@torch.compiler.disable  # runs eagerly under torch.compile: a chunk loop with in-place ops, already fused
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_rows: int | None = None) -> torch.Tensor:
+    """sum over rows with target != -100 of cross_entropy(h @ weight.T, target), fused with the head.
+
+    h [N, D], weight [V, D] (the LM head), targets [N]. The [N, V] logits are never materialised:
+    rows go through in chunks of `chunk_rows` (default: ~32 MiB of fp32 logits, about the size of a
+    last-level cache), and when a gradient is needed each chunk's gradients (softmax - onehot, into
+    d h and d weight) are computed right there in the forward, so backward only scales them.
+    Under autocast the matmuls run in the autocast dtype; the softmax is always fp32.
+    """
+    dev = h.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    chunk = chunk_rows or max(1, LOGITS_CHUNK_ELEMENTS // weight.shape[0])
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(h, weight, targets, chunk, dtype)
+    with torch.autocast(dev, enabled=False):
+        return _lce_chunks(h, weight, targets, chunk, dtype, False, False)[0]
+
+
+def _lce_chunks(h, weight, targets, chunk, dtype, grad_h: bool, grad_w: bool):
+    with torch.profiler.record_function("linear_cross_entropy"):  # names the chunks in a profile
+        n, v = h.shape[0], weight.shape[0]
+        hc, wc = h.to(dtype), weight.to(dtype)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        dh = torch.empty(h.shape, dtype=dtype, device=h.device) if grad_h else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if grad_w else None
+        rows = min(chunk, n)
+        logits = torch.empty(rows, v, dtype=dtype, device=h.device)
+        logp = logits if dtype == torch.float32 else torch.empty(rows, v, dtype=torch.float32, device=h.device)
+        for s in range(0, n, rows):
+            e = min(n, s + rows)
+            lg, lp = logits[: e - s], logp[: e - s]
+            torch.mm(hc[s:e], wc.t(), out=lg)
+            torch.log_softmax(lg, -1, dtype=torch.float32, out=lp)  # in place when fp32 (a row at a time)
+            tgt = targets[s:e]
+            valid = tgt != -100
+            safe = tgt.clamp(min=0)[:, None]
+            loss -= (lp.gather(1, safe)[:, 0] * valid).sum()
+            if dh is None and dw is None:
+                continue
+            g = lp.exp_()  # softmax
+            g.scatter_add_(1, safe, -valid[:, None].to(g.dtype))  # - onehot(target)
+            if not bool(valid.all()):
+                g.mul_(valid[:, None])
+            if g.dtype != dtype:
+                g = g.to(dtype)
+            if dh is not None:
+                torch.mm(g, wc, out=dh[s:e])
+            if dw is not None:
+                if dtype == torch.float32:
+                    dw.addmm_(g.t(), hc[s:e])
+                else:
+                    dw += (g.t() @ hc[s:e]).float()
+        return loss, dh, dw
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk, dtype):
+        with torch.autocast(h.device.type, enabled=False):
+            loss, dh, dw = _lce_chunks(h, weight, targets, chunk, dtype, ctx.needs_input_grad[0],
+                                       ctx.needs_input_grad[1])
+        ctx.save_for_backward(dh, dw)
+        ctx.dtypes = (h.dtype, weight.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dh, dw = ctx.saved_tensors
+        if dh is not None:
+            dh = (dh * grad_loss).to(ctx.dtypes[0])
+        if dw is not None:
+            dw = dw.mul_(grad_loss).to(ctx.dtypes[1])
+        return dh, dw, None, None, None

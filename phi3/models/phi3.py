@@ -6,10 +6,11 @@ Module names follow the HF checkpoint, so `state_dict()` keys are the HF tensor 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..layers import Attention, GatedMLP, KVCache, RMSNorm, RotaryEmbedding, attention_mask
+from ..layers import Attention, GatedMLP, KVCache, RMSNorm, RotaryEmbedding, attention_mask, linear_cross_entropy
 
 
 class DecoderLayer(nn.Module):
@@ -40,7 +41,13 @@ class Phi3ForCausalLM(nn.Module):
     row (padding: -1), which drive RoPE, the causal mask and the sliding window. For packed
     training rows, `segment_ids` [B, T] stops attention across documents (positions restart at 0
     in each document).
+
+    With `targets` [B, T] (training; -100 = ignored) it returns the summed next-token
+    cross-entropy instead of logits, fused with the LM head (`linear_cross_entropy`: the
+    [B, T, vocab] logits are never materialised).
     """
+
+    fused_loss = True  # forward(..., targets=) is supported (see phi3.train.loop.lm_loss_sum)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -68,10 +75,16 @@ class Phi3ForCausalLM(nn.Module):
         seq_len: int | None = None,
         last_only: bool = False,
         segment_ids: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, t = input_ids.shape
+        # plain causal attention (SDPA's is_causal, no mask tensor): a fresh batch of rows that all
+        # start at position 0, one document each, inside the sliding window
+        window = self.config.sliding_window
+        causal = positions is None and cache is None and segment_ids is None and (window is None or t <= window)
         if positions is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
+            seq_len = t if seq_len is None else seq_len
         if seq_len is None:  # longest sequence in this call, for the LongRoPE choice
             seq_len = int(positions.max()) + 1
         x = self.model.embed_tokens(input_ids)
@@ -83,14 +96,19 @@ class Phi3ForCausalLM(nn.Module):
             start, k_pos = 0, positions
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids (packed documents) is for training, without a KV cache")
-        mask = attention_mask(positions, k_pos, self.config.sliding_window, segment_ids)
+        mask = None if causal else attention_mask(positions, k_pos, window, segment_ids)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, cache.layers[i] if cache is not None else None, start)
         if cache is not None:
             cache.length = start + t
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.model.norm(x))
+        if targets is not None and type(self.lm_head) is nn.Linear:
+            return linear_cross_entropy(self.model.norm(x).flatten(0, 1), self.lm_head.weight, targets.flatten())
+        logits = self.lm_head(self.model.norm(x))
+        if targets is not None:
+            return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        return logits
 
 
 class Cache(nn.Module):

@@ -87,8 +87,20 @@ def model_kwargs(mb: dict) -> dict:
     return kw
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module under torch.compile's and DDP's wrappers (FSDP2 keeps the class)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
 def lm_loss_sum(model, mb: dict) -> torch.Tensor:
-    """Summed next-token cross-entropy over targets != -100."""
+    """Summed next-token cross-entropy over targets != -100: inside the model's forward (fused with
+    the LM head, no [B, T, vocab] logits) when it supports `targets=`, else from its logits."""
+    if getattr(_unwrapped(model), "fused_loss", False):
+        return model(mb["input_ids"], targets=mb["targets"], **model_kwargs(mb))
     logits = model(mb["input_ids"], **model_kwargs(mb))
     return F.cross_entropy(logits.float().flatten(0, 1), mb["targets"].flatten(), ignore_index=-100, reduction="sum")
 

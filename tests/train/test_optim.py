@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from phi3.models.phi3 import Phi3ForCausalLM
 from phi3.train.config import ModelSpec, Optimizer, Schedule, load_config
 from phi3.train.loop import train
-from phi3.train.model import build_model, model_config
+from phi3.train.model import build_model
 from phi3.train.optim import build_optimizer, lr_at, set_lr
 from phi3.train.pretrain import PretrainTask
 
@@ -59,3 +58,41 @@ def test_activation_checkpointing_and_bf16_switches(tmp_path):
     bf16 = _curve(tmp_path / "bf16", precision="bf16")
     assert bf16[0]["loss"] == pytest.approx(ref[0]["loss"], rel=2e-2)
     assert bf16[0]["loss"] != ref[0]["loss"]  # autocast really ran in bf16
+
+
+def test_compile_switch(tmp_path):
+    """`compile: true` (torch.compile, Inductor) trains the same curve as eager."""
+    ref = _curve(tmp_path / "ref")
+    compiled = _curve(tmp_path / "compiled", compile=True)
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in ref], rel=1e-4)
+
+
+def test_fused_loss_matches_logits_loss():
+    """The trainer's loss (fused with the LM head, chunked, no [B, T, vocab] logits) equals
+    cross-entropy on the model's logits: value and gradients, with ignored targets, in fp32 and bf16."""
+    import torch.nn.functional as F
+
+    from phi3.train.loop import lm_loss_sum
+
+    model, _ = build_model(ModelSpec(preset="phi-3-mini-4k-instruct", overrides=dict(TINY)), seed=0)
+    ids = torch.randint(0, 256, (3, 41), generator=torch.Generator().manual_seed(0))
+    targets = ids[:, 1:].clone()
+    targets[0, :7] = -100
+    mb = {"input_ids": ids[:, :-1], "targets": targets}
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            ref = F.cross_entropy(model(mb["input_ids"]).float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                  reduction="sum")
+        (ref * 0.3).backward()
+        want = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            got = lm_loss_sum(model, mb)
+        (got * 0.3).backward()
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert got.item() == pytest.approx(ref.item(), rel=tol)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, want[n], rtol=tol, atol=tol * want[n].abs().max().item(), msg=n)
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            assert lm_loss_sum(model, mb).item() == pytest.approx(ref.item(), rel=tol)
