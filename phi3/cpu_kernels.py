@@ -96,6 +96,8 @@ def _load() -> ctypes.CDLL | None:
     lib.phi3_int4_matmul.restype = None
     lib.phi3_int8_matmul.argtypes = [p, i, i, p, i, i, p, p, i]
     lib.phi3_int8_matmul.restype = None
+    lib.phi3_pack_int4.argtypes = [p, p, p, i, i, i, p, i]
+    lib.phi3_pack_int4.restype = None
     return lib
 
 
@@ -140,6 +142,19 @@ def pack_int4(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_s
         return v.contiguous().view(torch.uint8)
 
     return torch.cat((per_block(scales), per_block(mins), nibbles), dim=-1)
+
+
+def pack_int4_nibbles(lib, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                      group_size: int) -> torch.Tensor:
+    """`pack_int4` done by the C library straight from the file layout: qweight uint8 [n, k/2]
+    (low nibble = even column), scales/mins fp16 [n, k/group]."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    qweight = qweight.contiguous()
+    scales, mins = scales.to(torch.float16).contiguous(), mins.to(torch.float16).contiguous()
+    out = torch.empty(_padded(n) // ROWS, k // group_size, 32 + 4 * group_size, dtype=torch.uint8)
+    lib.phi3_pack_int4(qweight.data_ptr(), scales.data_ptr(), mins.data_ptr(), n, k, group_size,
+                       out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def unpack_int4(packed: torch.Tensor, n: int, k: int, group_size: int):

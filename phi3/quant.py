@@ -244,9 +244,8 @@ class Int4Linear(nn.Module):
         scales, mins = scales.to(torch.float16), mins.to(torch.float16)  # [out, in/group]
         self._lib = cpu_kernels.library()
         if self._lib is not None:
-            packed = _by_rows(lambda lo, hi: cpu_kernels.pack_int4(
-                unpack_nibbles(qweight[lo:hi], torch.uint8), scales[lo:hi], mins[lo:hi], group_size),
-                self.out_features)  # [out/8, groups, 32 + 4·group] bytes
+            packed = cpu_kernels.pack_int4_nibbles(self._lib, qweight, scales, mins, group_size)
+            # [out/8, groups, 32 + 4·group] bytes
             self.register_buffer("packed", packed, persistent=False)
             self._qweight = self._scales = self._mins = None
             return

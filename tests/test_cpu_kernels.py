@@ -41,6 +41,8 @@ def test_int4_kernel_equals_emulation(n, k, group, m):
     x = torch.randn(m, k, generator=g) * (1 + 20 * (torch.rand(m, k, generator=g) > 0.98))  # outliers
     packed = cpu_kernels.pack_int4(q, scales, mins, group)
     assert packed.shape == (-(-n // 8), k // group, 32 + 4 * group)
+    from phi3.quant import pack_nibbles
+    assert torch.equal(cpu_kernels.pack_int4_nibbles(lib, pack_nibbles(q), scales, mins, group), packed)
     q2, s2, m2 = cpu_kernels.unpack_int4(packed, n, k, group)
     assert torch.equal(q2.long(), q) and torch.equal(s2, scales) and torch.equal(m2, mins)
 

@@ -175,3 +175,36 @@ void phi3_int8_matmul(const float *x, int M, int K, const uint8_t *W, int N, int
     free(qx);
     free(dx);
 }
+
+/* The int4 layout above from the portable one: qw uint8 [N, K/2] (low nibble = even column),
+ * scales / mins fp16 [N, K/G]; out gets ceil(N/8)·(K/G)·(32 + 4·G) bytes, padding rows zero. */
+void phi3_pack_int4(const uint8_t *qw, const uint16_t *scales, const uint16_t *mins, int N, int K, int G,
+                    uint8_t *out, int nthreads) {
+    const int ng = K / G, nrb = (N + 7) / 8;
+    const size_t gbytes = 32 + 4 * (size_t)G, row = (size_t)K / 2;
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int rb = 0; rb < nrb; rb++) {
+        for (int g = 0; g < ng; g++) {
+            uint8_t *o = out + ((size_t)rb * ng + g) * gbytes;
+            uint16_t sm[16];
+            for (int i = 0; i < 8; i++) {
+                const int n = rb * 8 + i;
+                sm[i] = n < N ? scales[(size_t)n * ng + g] : 0;
+                sm[8 + i] = n < N ? mins[(size_t)n * ng + g] : 0;
+            }
+            memcpy(o, sm, 32);
+            for (int c = 0; c < G / 8; c++) {
+                for (int i = 0; i < 8; i++) {
+                    const int n = rb * 8 + i;
+                    uint8_t *dst = o + 32 + 32 * c + 4 * i;
+                    if (n >= N) { memset(dst, 0, 4); continue; }
+                    /* 8 inputs k0 .. k0 + 7 are 4 source bytes: (k0, k0+1), (k0+2, k0+3), ... */
+                    const uint8_t *src = qw + (size_t)n * row + ((size_t)g * G + 8 * c) / 2;
+                    uint8_t q[8];
+                    for (int j = 0; j < 4; j++) { q[2 * j] = src[j] & 15; q[2 * j + 1] = src[j] >> 4; }
+                    for (int b = 0; b < 4; b++) dst[b] = (uint8_t)(q[b] | (q[4 + b] << 4));
+                }
+            }
+        }
+    }
+}
