@@ -31,8 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PHI3_VOCAB = ROOT.parent / "shared" / "tokenizer" / "ggml-vocab-phi-3.gguf"
 
-ENGINES = {  # name -> (artifact, kind)
+ENGINES = {  # name -> (artifact, kind[, extra environment])
     "phi3 int4 (Q4_0 file)": ("q4_0.gguf", "ours"),
+    "phi3 int4 (Q4_0 file, 1-level act.)": ("q4_0.gguf", "ours", {"PHI3_ACTIVATION_LEVELS": "1"}),
     "llama.cpp Q4_0": ("q4_0.gguf", "llama"),
     "phi3 int8 (Q8_0 file)": ("q8_0.gguf", "ours"),
     "llama.cpp Q8_0": ("q8_0.gguf", "llama"),
@@ -41,7 +42,8 @@ ENGINES = {  # name -> (artifact, kind)
     "llama.cpp F16": ("f16.gguf", "llama"),
     "transformers bf16": ("bf16", "hf"),
 }
-PAIRS = [("phi3 int4 (Q4_0 file)", "llama.cpp Q4_0"), ("phi3 int8 (Q8_0 file)", "llama.cpp Q8_0"),
+PAIRS = [("phi3 int4 (Q4_0 file)", "llama.cpp Q4_0"), ("phi3 int4 (Q4_0 file, 1-level act.)", "llama.cpp Q4_0"),
+         ("phi3 int8 (Q8_0 file)", "llama.cpp Q8_0"),
          ("phi3 int4 g32 (ours)", "llama.cpp Q4_0"), ("phi3 bf16", "llama.cpp F16")]
 
 
@@ -219,10 +221,11 @@ def main() -> None:
     for r in range(args.rounds):
         bandwidth.append(memory_bandwidth(args.threads))
         for name in engines:
-            artifact, kind = ENGINES[name]
+            artifact, kind, *extra = ENGINES[name]
+            env = {**os.environ, **(extra[0] if extra else {})}
             cmd = [sys.executable, __file__, "--child", kind, "--path", str(work / artifact), "--threads",
                    str(args.threads), "--prompt", str(args.prompt), "--new", str(args.new)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode != 0:
                 print(f"{name}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
                 continue

@@ -92,12 +92,15 @@ def _load() -> ctypes.CDLL | None:
     if not lib.phi3_cpu_ok():
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
-    lib.phi3_int4_matmul.argtypes = [p, i, i, p, i, i, p, i]
+    lib.phi3_int4_matmul.argtypes = [p, i, i, p, i, i, p, i, i]
     lib.phi3_int4_matmul.restype = None
     lib.phi3_int8_matmul.argtypes = [p, i, i, p, i, i, p, p, i]
     lib.phi3_int8_matmul.restype = None
     lib.phi3_pack_int4.argtypes = [p, p, p, i, i, i, p, i]
     lib.phi3_pack_int4.restype = None
+    f = ctypes.c_float
+    lib.phi3_attend_f16.argtypes = [p, p, p, p, p, i, i, i, i, i, i, f, i]
+    lib.phi3_attend_f16.restype = None
     return lib
 
 
@@ -110,6 +113,13 @@ def library() -> ctypes.CDLL | None:
             print(f"phi3: native kernels unavailable ({e}); using PyTorch's", file=sys.stderr)
             _LIB.append(None)
     return _LIB[0]
+
+
+def activation_levels() -> int:
+    """1: activations rounded to int8 blocks exactly as llama.cpp's Q8_0; 2 (default): the rounding
+    error is quantized again (x ≈ d·(q + q2/200)), which keeps a small model's greedy answers those of
+    exact activations at a few per cent more compute. `PHI3_ACTIVATION_LEVELS=1` for llama.cpp's."""
+    return 1 if os.environ.get("PHI3_ACTIVATION_LEVELS") == "1" else 2
 
 
 def _padded(n: int) -> int:
@@ -178,7 +188,7 @@ def int4_matmul(lib, x: torch.Tensor, packed: torch.Tensor, n: int, group_size: 
     rows = packed.shape[0] * ROWS
     y = torch.empty(m, rows)
     lib.phi3_int4_matmul(x.data_ptr(), m, k, packed.data_ptr(), rows, group_size, y.data_ptr(),
-                         torch.get_num_threads())
+                         torch.get_num_threads(), activation_levels())
     return y if rows == n else y[:, :n]
 
 
@@ -227,3 +237,30 @@ def int8_matmul(lib, x: torch.Tensor, packed: torch.Tensor, n: int, block: int,
                          None if row_scales is None else row_scales.data_ptr(), y.data_ptr(),
                          torch.get_num_threads())
     return y if rows == n else y[:, :n]
+
+
+# ---- decode attention over an fp16 KV cache --------------------------------------------------
+
+def attend_f16(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """q [B, H, 1, D] (any float dtype); k, v fp16 [B, KV, S, D] views of the first S slots of a cache
+    [B, KV, L, D] (contiguous, so rows are L·D apart); mask bool broadcastable to [B, 1, 1, S]
+    (True = attend) or None. Returns fp32 [B, H, 1, D]; softmax(q·kᵀ/√D)·v in fp32."""
+    b, h, _, d = q.shape
+    kv, s = k.shape[1], k.shape[2]
+    length = k.stride(1) // d  # L: the cache's slots per head
+    qf = q.float().contiguous()
+    valid = None
+    if mask is not None:
+        valid = mask.expand(b, 1, 1, s).reshape(b, s).contiguous()  # bool [B, S]
+    out = torch.empty(b, h, 1, d)
+    lib.phi3_attend_f16(qf.data_ptr(), k.data_ptr(), v.data_ptr(), None if valid is None else valid.data_ptr(),
+                        out.data_ptr(), b, h, kv, length, s, d, d ** -0.5, torch.get_num_threads())
+    return out
+
+
+def can_attend_f16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `attend_f16` takes these tensors: one query, fp16 cache views laid out as it expects."""
+    d = q.shape[-1]
+    return (q.shape[2] == 1 and k.dtype == v.dtype == torch.float16 and d % 8 == 0 and q.device.type == "cpu"
+            and k.stride(3) == 1 and k.stride(2) == d and k.stride(1) % d == 0 and k.stride(0) == k.shape[1] * k.stride(1)
+            and v.stride() == k.stride() and q.shape[1] % k.shape[1] == 0)

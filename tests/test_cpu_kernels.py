@@ -10,17 +10,23 @@ lib = cpu_kernels.library()
 needs_native = pytest.mark.skipif(lib is None, reason="no AVX2/FMA/F16C CPU or no C compiler here")
 
 
-def quantized_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+def quantized_activations(x: torch.Tensor, block: int, levels: int = 1) -> torch.Tensor:
     """What the kernels do to x [m, k], as llama.cpp's Q8_0: int8 per block of `block`,
-    q = round(x·127/amax), scale amax/127 rounded to fp16; returned dequantized in float64. The kernels must equal this times the dequantized
-    weights: in particular the min term of int4 uses the same rounded activations, so that with
-    Q4_0's min = −8·scale the two terms cancel as in the dequantized product."""
+    q = round(x·127/amax), scale d = amax/127 rounded to fp16; with `levels` 2 the rounding error
+    is quantized again, q2 = round((x − q·d)·200/d) (x ≈ d·(q + q2/200)). Returned dequantized in
+    float64. The kernels must equal this times the dequantized weights: in particular the min term
+    of int4 uses the same rounded activations, so that with Q4_0's min = −8·scale the two terms
+    cancel as in the dequantized product."""
     m, k = x.shape
     xb = x.view(m, k // block, block)
     amax = xb.abs().amax(-1)
     q = torch.round(xb * (torch.full_like(amax, 127.0) / amax)[..., None])  # (127 / amax is 127 · 1/amax)
-    d = (amax / 127).half()
-    return (q.double() * d.double()[..., None]).view(m, k)
+    d = (amax / 127).half().float()
+    out = q.double() * d.double()[..., None]
+    if levels == 2:
+        q2 = torch.round((xb - q * d[..., None]) * (torch.full_like(d, 200.0) / d)[..., None]).clamp(-127, 127)
+        out = d.double()[..., None] * (q.double() + q2.double() / 200)
+    return out.view(m, k)
 
 
 def test_native_kernels_are_built_on_this_ci_machine():
@@ -32,8 +38,10 @@ def test_native_kernels_are_built_on_this_ci_machine():
 
 
 @needs_native
+@pytest.mark.parametrize("levels", [1, 2])
 @pytest.mark.parametrize("n,k,group,m", [(40, 64, 32, 1), (37, 128, 64, 5), (64, 256, 128, 7), (24, 256, 256, 4)])
-def test_int4_kernel_equals_emulation(n, k, group, m):
+def test_int4_kernel_equals_emulation(n, k, group, m, levels, monkeypatch):
+    monkeypatch.setenv("PHI3_ACTIVATION_LEVELS", str(levels))
     g = torch.Generator().manual_seed(n)
     q = torch.randint(0, 16, (n, k), generator=g)
     scales = torch.rand(n, k // group, generator=g).half()
@@ -47,7 +55,7 @@ def test_int4_kernel_equals_emulation(n, k, group, m):
     assert torch.equal(q2.long(), q) and torch.equal(s2, scales) and torch.equal(m2, mins)
 
     w = q.double().view(n, k // group, group) * scales.double()[..., None] + mins.double()[..., None]
-    expected = quantized_activations(x, group) @ w.view(n, k).T
+    expected = quantized_activations(x, group, levels) @ w.view(n, k).T
     got = cpu_kernels.int4_matmul(lib, x, packed, n, group)
     assert got.shape == (m, n)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4 * expected.abs().max().item())
@@ -105,3 +113,52 @@ def test_both_backends_agree_with_dequantized_weights_and_round_trip(backend, ki
     again = type(layer).from_stored(stored, getattr(layer, "group_size", None))
     assert stored.keys() == again.stored().keys()
     assert all(torch.equal(stored[k], again.stored()[k]) for k in stored)
+
+
+@needs_native
+@pytest.mark.parametrize("b,h,kv,s,d", [(1, 4, 4, 37, 32), (3, 8, 2, 70, 96), (2, 6, 3, 1, 64)])
+def test_fp16_decode_attention_equals_sdpa(b, h, kv, s, d):
+    """One query over the first s slots of an fp16 cache of 80 slots, GQA, per-row masks (padding,
+    a sliding window), against SDPA on the same fp16 values upcast."""
+    import torch.nn.functional as F
+    from phi3.layers import attention
+    g = torch.Generator().manual_seed(s)
+    cache_k = torch.randn(b, kv, 80, d, generator=g).half()
+    cache_v = torch.randn(b, kv, 80, d, generator=g).half()
+    k, v = cache_k[:, :, :s], cache_v[:, :, :s]
+    q = torch.randn(b, h, 1, d, generator=g)
+    mask = torch.rand(b, 1, 1, s, generator=g) > 0.3
+    mask[..., -1] = True  # the token itself is always visible
+    assert cpu_kernels.can_attend_f16(q, k, v)
+    expected = F.scaled_dot_product_attention(q, k.float(), v.float(), attn_mask=mask, enable_gqa=h != kv)
+    torch.testing.assert_close(attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attention(q, k, v, None), F.scaled_dot_product_attention(
+        q, k.float(), v.float(), enable_gqa=h != kv), rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_models_keep_an_fp16_cache_and_decode_like_a_fresh_forward():
+    """The KV cache of a quantized model is fp16 where the native kernels run (as llama.cpp); greedy
+    decoding through it matches recomputing the whole sequence with fp16-rounded k and v."""
+    from phi3.config import ModelConfig
+    from phi3.generate import SamplingParams, generate_tokens
+    from phi3.layers import kv_cache_dtype
+    from phi3.models.phi3 import Phi3ForCausalLM
+    from phi3.quant import quantize_model
+
+    from .conftest import scaled_down
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(ModelConfig.from_hf_dict(scaled_down("phi-3-mini-4k-instruct", vocab=256)))
+    assert kv_cache_dtype(model) == torch.float32  # full precision stays exact
+    quantize_model(model, bits=4, group_size=32)
+    assert kv_cache_dtype(model) == (torch.float16 if lib is not None else torch.float32)
+    prompt = [5, 17, 99, 3, 42, 7]
+    out = [s[0] for s in generate_tokens(model, [prompt], SamplingParams(max_new_tokens=12, temperature=0.0),
+                                         frozenset())]
+    assert len(out) == 12
+    # the same greedy tokens when every step recomputes the sequence from scratch (fresh cache each time)
+    seq = list(prompt)
+    for _ in range(12):
+        step = next(iter(generate_tokens(model, [seq], SamplingParams(max_new_tokens=1, temperature=0.0),
+                                         frozenset())))
+        seq.append(step[0])
+    assert seq[len(prompt):] == out

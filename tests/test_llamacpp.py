@@ -82,7 +82,7 @@ def smollm2_q4_0(default_gguf, tmp_path_factory):
     return out
 
 
-def test_int4_agrees_with_llama_cpp_q4_0(smollm2_q4_0):
+def test_int4_agrees_with_llama_cpp_q4_0(smollm2_q4_0, monkeypatch):
     """Greedy continuations from our int4 (the Q4_0 blocks loaded natively) and llama.cpp's Q4_0 of
     the same file, position by position over the first 64 tokens of 5 chat prompts; and, so that
     one early near-tie does not hide how close the two are, our top-1 on llama.cpp's own
@@ -92,7 +92,9 @@ def test_int4_agrees_with_llama_cpp_q4_0(smollm2_q4_0):
     151/209 = 72 % (3 prompts identical to the end, two part at tokens 10 and 14; with the torch
     kernels' bf16 activations it was 185/209); the issue's target is 90 %, so this is a miss that
     the note reports, and the threshold below holds the measured level so a regression shows.
-    Teacher-forced on llama.cpp's continuations our top-1 is llama.cpp's at 205/206 positions."""
+    Teacher-forced on llama.cpp's continuations our top-1 is llama.cpp's at 205/206 positions.
+    Run with llama.cpp's one-level activations (`PHI3_ACTIVATION_LEVELS=1`), not our default two."""
+    monkeypatch.setenv("PHI3_ACTIVATION_LEVELS", "1")
     ours = phi3.load(smollm2_q4_0)
     assert isinstance(ours.model.model.layers[0].mlp.down_proj, Int4Linear)
     llm = _llama(smollm2_q4_0)

@@ -34,7 +34,9 @@ int phi3_cpu_ok(void) {
 /* x [M, K] fp32 -> qx int8 [M, K], dx = scale and sx = dx · Σ qx per block of B (dx, sx: [M, K/B]).
  * sx is the sum of the *quantized* activations so that the min term cancels the q term's rounding
  * exactly as in the dequantized product (Q4_0's min is −8·scale: the two nearly cancel). */
-static void quantize_rows(const float *x, int M, int K, int B, int8_t *qx, float *dx, float *sx) {
+#define RESIDUAL 200.f  /* second level: q2 = round(r · RESIDUAL / d), |r| <= 0.56·d keeps |q2| <= 112 */
+
+static void quantize_rows(const float *x, int M, int K, int B, int8_t *qx, int8_t *qx2, float *dx, float *sx) {
     int nb = K / B;
     for (int m = 0; m < M; m++) {
         for (int b = 0; b < nb; b++) {
@@ -44,10 +46,20 @@ static void quantize_rows(const float *x, int M, int K, int B, int8_t *qx, float
             /* as llama.cpp's quantize_row_q8_0: the scale is stored in fp16 */
             float d = _cvtsh_ss(_cvtss_sh(amax / 127.f, 0)), inv = amax > 0.f ? 127.f / amax : 0.f;
             int8_t *q = qx + (size_t)m * K + (size_t)b * B;
-            int sum = 0;
+            int sum = 0, sum2 = 0;
             for (int i = 0; i < B; i++) { q[i] = (int8_t)nearbyintf(xb[i] * inv); sum += q[i]; }
+            if (qx2) {  /* the rounding error, quantized again: x ≈ d · (q + q2 / RESIDUAL) */
+                int8_t *q2 = qx2 + (size_t)m * K + (size_t)b * B;
+                const float inv2 = d > 0.f ? RESIDUAL / d : 0.f;
+                for (int i = 0; i < B; i++) {
+                    float r = nearbyintf((xb[i] - (float)q[i] * d) * inv2);
+                    r = r > 127.f ? 127.f : r < -127.f ? -127.f : r;
+                    q2[i] = (int8_t)r;
+                    sum2 += q2[i];
+                }
+            }
             dx[(size_t)m * nb + b] = d;
-            sx[(size_t)m * nb + b] = d * (float)sum;
+            sx[(size_t)m * nb + b] = d * ((float)sum + (float)sum2 / RESIDUAL);
         }
     }
 }
@@ -98,15 +110,69 @@ ALWAYS_INLINE void int4_block(const uint8_t *W, int ng, int G, const int8_t *qx,
     for (int t = 0; t < MT; t++) _mm256_storeu_ps(y + (size_t)(m0 + t) * ldy + 8 * (size_t)rb, acc[t]);
 }
 
+/* int4 with two-level activations: rows [rb·8, rb·8 + 8), tokens [m0, m0 + MT), MT <= 2 */
+ALWAYS_INLINE void int4_block2(const uint8_t *W, int ng, int G, const int8_t *qx, const int8_t *qx2,
+                               const float *dx, const float *sx, int K, int m0, float *y, int ldy, int rb,
+                               const int MT) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const __m256 inv_res = _mm256_set1_ps(1.f / RESIDUAL);
+    const size_t gbytes = 32 + 4 * (size_t)G;
+    __m256 acc[2];
+    for (int t = 0; t < MT; t++) acc[t] = _mm256_setzero_ps();
+    const uint8_t *p = W + (size_t)rb * ng * gbytes;
+    for (int g = 0; g < ng; g++, p += gbytes) {
+        const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+        const __m256 mins = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16)));
+        const uint8_t *wq = p + 32;
+        for (size_t off = 0; off < gbytes; off += 64) _mm_prefetch((const char *)(p + PREFETCH + off), _MM_HINT_T0);
+        __m256i isum[2], isum2[2];
+        for (int t = 0; t < MT; t++) isum[t] = isum2[t] = _mm256_setzero_si256();
+        for (int c = 0; c < G / 8; c += 4) {
+            __m256i s16[2], r16[2];
+            for (int t = 0; t < MT; t++) s16[t] = r16[t] = _mm256_setzero_si256();
+            for (int cc = 0; cc < 4; cc++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(wq + 32 * (c + cc)));
+                const __m256i lo = _mm256_and_si256(v, m4);
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                const size_t k = (size_t)g * G + 8 * (c + cc);
+                for (int t = 0; t < MT; t++) {
+                    const int8_t *xk = qx + (size_t)(m0 + t) * K + k, *rk = qx2 + (size_t)(m0 + t) * K + k;
+                    s16[t] = _mm256_add_epi16(s16[t], _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(xk)),
+                                                                       _mm256_maddubs_epi16(hi, bcast4(xk + 4))));
+                    r16[t] = _mm256_add_epi16(r16[t], _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(rk)),
+                                                                       _mm256_maddubs_epi16(hi, bcast4(rk + 4))));
+                }
+            }
+            for (int t = 0; t < MT; t++) {
+                isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(s16[t], ones));
+                isum2[t] = _mm256_add_epi32(isum2[t], _mm256_madd_epi16(r16[t], ones));
+            }
+        }
+        for (int t = 0; t < MT; t++) {
+            const size_t i = (size_t)(m0 + t) * (K / G) + g;
+            const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum2[t]), inv_res, _mm256_cvtepi32_ps(isum[t]));
+            acc[t] = _mm256_fmadd_ps(f, _mm256_mul_ps(scale, _mm256_set1_ps(dx[i])), acc[t]);
+            acc[t] = _mm256_fmadd_ps(mins, _mm256_set1_ps(sx[i]), acc[t]);
+        }
+    }
+    for (int t = 0; t < MT; t++) _mm256_storeu_ps(y + (size_t)(m0 + t) * ldy + 8 * (size_t)rb, acc[t]);
+}
+
 /* x fp32 [M, K] · W (int4 layout above, N a multiple of 8) -> y fp32 [M, N] */
-void phi3_int4_matmul(const float *x, int M, int K, const uint8_t *W, int N, int G, float *y, int nthreads) {
+void phi3_int4_matmul(const float *x, int M, int K, const uint8_t *W, int N, int G, float *y, int nthreads,
+                      int levels) {
     int ng = K / G, nrb = N / 8;
-    int8_t *qx = malloc((size_t)M * K);
+    int8_t *qx = malloc((size_t)M * K * (levels == 2 ? 2 : 1)), *qx2 = levels == 2 ? qx + (size_t)M * K : NULL;
     float *dx = malloc(sizeof(float) * (size_t)M * ng * 2), *sx = dx + (size_t)M * ng;
-    quantize_rows(x, M, K, G, qx, dx, sx);
+    quantize_rows(x, M, K, G, qx, qx2, dx, sx);
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int rb = 0; rb < nrb; rb++) {
         int m0 = 0;
+        if (qx2) {
+            for (; m0 + 2 <= M; m0 += 2) int4_block2(W, ng, G, qx, qx2, dx, sx, K, m0, y, N, rb, 2);
+            if (m0 < M) int4_block2(W, ng, G, qx, qx2, dx, sx, K, m0, y, N, rb, 1);
+            continue;
+        }
         for (; m0 + 4 <= M; m0 += 4) int4_block(W, ng, G, qx, dx, sx, K, m0, y, N, rb, 4);
         switch (M - m0) {
             case 3: int4_block(W, ng, G, qx, dx, sx, K, m0, y, N, rb, 3); break;
@@ -154,7 +220,7 @@ void phi3_int8_matmul(const float *x, int M, int K, const uint8_t *W, int N, int
     int ng = K / G, nrb = N / 8, grouped = row_scale == NULL;
     int8_t *qx = malloc((size_t)M * K);
     float *dx = malloc(sizeof(float) * (size_t)M * ng * 2), *sx = dx + (size_t)M * ng;
-    quantize_rows(x, M, K, G, qx, dx, sx);
+    quantize_rows(x, M, K, G, qx, NULL, dx, sx);
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int rb = 0; rb < nrb; rb++) {
         int m0 = 0;
@@ -206,5 +272,51 @@ void phi3_pack_int4(const uint8_t *qw, const uint16_t *scales, const uint16_t *m
                 }
             }
         }
+    }
+}
+
+/* Attention of one new query per row over an fp16 KV cache (decode; llama.cpp also keeps K and V
+ * in fp16). q fp32 [B, H, D]; k, v fp16 [B, KV, L, D] of which keys 0 .. S-1 are read; query head h
+ * reads KV head h / (H / KV); valid uint8 [B, S] (1 = attend) or NULL; out fp32 [B, H, D].
+ * D must be a multiple of 8. Softmax in fp32, scale 1/sqrt(D) given as `scale`. */
+void phi3_attend_f16(const float *q, const uint16_t *k, const uint16_t *v, const uint8_t *valid, float *out,
+                     int B, int H, int KV, int L, int S, int D, float scale, int nthreads) {
+    const int group = H / KV;
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int bh = 0; bh < B * H; bh++) {
+        const int b = bh / H, h = bh % H;
+        const float *qh = q + (size_t)bh * D;
+        const uint16_t *kh = k + ((size_t)b * KV + h / group) * L * D;
+        const uint16_t *vh = v + ((size_t)b * KV + h / group) * L * D;
+        const uint8_t *ok = valid ? valid + (size_t)b * S : NULL;
+        float *p = malloc(sizeof(float) * (size_t)(S > 0 ? S : 1));
+        float mx = -INFINITY;
+        for (int s = 0; s < S; s++) {
+            if (ok && !ok[s]) { p[s] = -INFINITY; continue; }
+            const uint16_t *ks = kh + (size_t)s * D;
+            __m256 acc = _mm256_setzero_ps();
+            for (int d = 0; d < D; d += 8)
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ks + d))), acc);
+            __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+            r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+            r = _mm_add_ss(r, _mm_movehdup_ps(r));
+            p[s] = _mm_cvtss_f32(r) * scale;
+            if (p[s] > mx) mx = p[s];
+        }
+        float *o = out + (size_t)bh * D;
+        for (int d = 0; d < D; d++) o[d] = 0.f;
+        if (mx == -INFINITY) { free(p); continue; }  /* nothing to attend: zeros, never NaN */
+        float sum = 0.f;
+        for (int s = 0; s < S; s++) { p[s] = p[s] == -INFINITY ? 0.f : expf(p[s] - mx); sum += p[s]; }
+        const float inv = 1.f / sum;
+        for (int s = 0; s < S; s++) {
+            if (p[s] == 0.f) continue;
+            const __m256 w = _mm256_set1_ps(p[s] * inv);
+            const uint16_t *vs = vh + (size_t)s * D;
+            for (int d = 0; d < D; d += 8)
+                _mm256_storeu_ps(o + d, _mm256_fmadd_ps(w, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vs + d))),
+                                                        _mm256_loadu_ps(o + d)));
+        }
+        free(p);
     }
 }

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..layers import Attention, GatedMLP, KVCache, RMSNorm, RotaryEmbedding, attention_mask, linear_cross_entropy
+from ..layers import (Attention, GatedMLP, KVCache, RMSNorm, RotaryEmbedding, attention_mask, kv_cache_dtype,
+                      linear_cross_entropy)
 
 
 class DecoderLayer(nn.Module):
@@ -117,7 +118,7 @@ class Cache(nn.Module):
     def __init__(self, model: Phi3ForCausalLM, batch: int, max_len: int, dtype=None, device=None):
         super().__init__()
         cfg = model.config
-        dtype = dtype or model.dtype
+        dtype = dtype or kv_cache_dtype(model)
         self.max_len = max_len
         self.layers = nn.ModuleList(
             KVCache(batch, cfg.num_key_value_heads, max_len, cfg.head_dim, dtype, device)

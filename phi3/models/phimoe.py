@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import ModelConfig, base_fields, longrope_attention_factor
 from ..errors import ConfigError
-from ..layers import KVCache, RotaryEmbedding, apply_rotary, attention_mask
+from ..layers import KVCache, RotaryEmbedding, apply_rotary, attention, attention_mask
 
 
 @dataclass
@@ -113,7 +113,7 @@ class MoEAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(cache_start, k, v)  # [B, KV, S, d]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        out = attention(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 

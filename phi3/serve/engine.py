@@ -87,8 +87,8 @@ class _RowsKV:
         else:  # decode: one token per row, at that row's own length (start [R])
             r, kv, s, d = self.k.shape
             index = self.view.flat_index  # [R * KV]: (row * KV + head) * S + start[row]
-            self.k.view(r * kv * s, d).index_copy_(0, index, k.reshape(r * kv, d))
-            self.v.view(r * kv * s, d).index_copy_(0, index, v.reshape(r * kv, d))
+            self.k.view(r * kv * s, d).index_copy_(0, index, k.reshape(r * kv, d).to(self.k.dtype))
+            self.v.view(r * kv * s, d).index_copy_(0, index, v.reshape(r * kv, d).to(self.v.dtype))
             end = self.view.end
         return self.k[:, :, :end], self.v[:, :, :end]
 
