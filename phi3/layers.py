@@ -220,7 +220,7 @@ def kv_cache_dtype(model: nn.Module) -> torch.dtype:
     models stay exactly equal to the reference."""
     from .quant import QUANTIZED
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    if dtype == torch.float32 and cpu_kernels.library() is not None \
+    if dtype in (torch.float32, torch.bfloat16) and cpu_kernels.library() is not None \
             and any(isinstance(m, QUANTIZED) for m in model.modules()):
         return torch.float16
     return dtype
