@@ -70,10 +70,13 @@ ALWAYS_INLINE __m256i bcast4(const int8_t *p) {
     return _mm256_set1_epi32(v);
 }
 
-/* int4: rows [rb·8, rb·8 + 8) for tokens [m0, m0 + MT) */
-ALWAYS_INLINE void int4_block(const uint8_t *W, int ng, int G, const int8_t *qx, const float *dx,
-                              const float *sx, int K, int m0, float *y, int ldy, int rb, const int MT) {
+/* int4: rows [rb·8, rb·8 + 8) for tokens [m0, m0 + MT); with qx2 (LEVELS 2, MT <= 2) the second
+ * rounding level of the activations is accumulated beside the first: x ≈ d · (q + q2 / RESIDUAL) */
+ALWAYS_INLINE void int4_block(const uint8_t *W, int ng, int G, const int8_t *qx, const int8_t *qx2,
+                              const float *dx, const float *sx, int K, int m0, float *y, int ldy, int rb,
+                              const int MT, const int LEVELS) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const __m256 inv_res = _mm256_set1_ps(1.f / RESIDUAL);
     const size_t gbytes = 32 + 4 * (size_t)G;
     __m256 acc[4];
     for (int t = 0; t < MT; t++) acc[t] = _mm256_setzero_ps();
@@ -83,11 +86,11 @@ ALWAYS_INLINE void int4_block(const uint8_t *W, int ng, int G, const int8_t *qx,
         const __m256 mins = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16)));
         const uint8_t *wq = p + 32;
         for (size_t off = 0; off < gbytes; off += 64) _mm_prefetch((const char *)(p + PREFETCH + off), _MM_HINT_T0);
-        __m256i isum[4];
-        for (int t = 0; t < MT; t++) isum[t] = _mm256_setzero_si256();
+        __m256i isum[4], isum2[4];
+        for (int t = 0; t < MT; t++) isum[t] = isum2[t] = _mm256_setzero_si256();
         for (int c = 0; c < G / 8; c += 4) {  /* 32 inputs: 8 vpmaddubsw per token fit in int16 */
-            __m256i s16[4];
-            for (int t = 0; t < MT; t++) s16[t] = _mm256_setzero_si256();
+            __m256i s16[4], r16[4];
+            for (int t = 0; t < MT; t++) s16[t] = r16[t] = _mm256_setzero_si256();
             for (int cc = 0; cc < 4; cc++) {
                 const __m256i v = _mm256_loadu_si256((const __m256i *)(wq + 32 * (c + cc)));
                 const __m256i lo = _mm256_and_si256(v, m4);
@@ -97,60 +100,22 @@ ALWAYS_INLINE void int4_block(const uint8_t *W, int ng, int G, const int8_t *qx,
                     const int8_t *xk = qx + (size_t)(m0 + t) * K + k;
                     s16[t] = _mm256_add_epi16(s16[t], _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(xk)),
                                                                        _mm256_maddubs_epi16(hi, bcast4(xk + 4))));
-                }
-            }
-            for (int t = 0; t < MT; t++) isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(s16[t], ones));
-        }
-        for (int t = 0; t < MT; t++) {
-            const size_t i = (size_t)(m0 + t) * (K / G) + g;
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_mul_ps(scale, _mm256_set1_ps(dx[i])), acc[t]);
-            acc[t] = _mm256_fmadd_ps(mins, _mm256_set1_ps(sx[i]), acc[t]);
-        }
-    }
-    for (int t = 0; t < MT; t++) _mm256_storeu_ps(y + (size_t)(m0 + t) * ldy + 8 * (size_t)rb, acc[t]);
-}
-
-/* int4 with two-level activations: rows [rb·8, rb·8 + 8), tokens [m0, m0 + MT), MT <= 2 */
-ALWAYS_INLINE void int4_block2(const uint8_t *W, int ng, int G, const int8_t *qx, const int8_t *qx2,
-                               const float *dx, const float *sx, int K, int m0, float *y, int ldy, int rb,
-                               const int MT) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    const __m256 inv_res = _mm256_set1_ps(1.f / RESIDUAL);
-    const size_t gbytes = 32 + 4 * (size_t)G;
-    __m256 acc[2];
-    for (int t = 0; t < MT; t++) acc[t] = _mm256_setzero_ps();
-    const uint8_t *p = W + (size_t)rb * ng * gbytes;
-    for (int g = 0; g < ng; g++, p += gbytes) {
-        const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-        const __m256 mins = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16)));
-        const uint8_t *wq = p + 32;
-        for (size_t off = 0; off < gbytes; off += 64) _mm_prefetch((const char *)(p + PREFETCH + off), _MM_HINT_T0);
-        __m256i isum[2], isum2[2];
-        for (int t = 0; t < MT; t++) isum[t] = isum2[t] = _mm256_setzero_si256();
-        for (int c = 0; c < G / 8; c += 4) {
-            __m256i s16[2], r16[2];
-            for (int t = 0; t < MT; t++) s16[t] = r16[t] = _mm256_setzero_si256();
-            for (int cc = 0; cc < 4; cc++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(wq + 32 * (c + cc)));
-                const __m256i lo = _mm256_and_si256(v, m4);
-                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                const size_t k = (size_t)g * G + 8 * (c + cc);
-                for (int t = 0; t < MT; t++) {
-                    const int8_t *xk = qx + (size_t)(m0 + t) * K + k, *rk = qx2 + (size_t)(m0 + t) * K + k;
-                    s16[t] = _mm256_add_epi16(s16[t], _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(xk)),
-                                                                       _mm256_maddubs_epi16(hi, bcast4(xk + 4))));
-                    r16[t] = _mm256_add_epi16(r16[t], _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(rk)),
-                                                                       _mm256_maddubs_epi16(hi, bcast4(rk + 4))));
+                    if (LEVELS == 2) {
+                        const int8_t *rk = qx2 + (size_t)(m0 + t) * K + k;
+                        r16[t] = _mm256_add_epi16(r16[t], _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(rk)),
+                                                                           _mm256_maddubs_epi16(hi, bcast4(rk + 4))));
+                    }
                 }
             }
             for (int t = 0; t < MT; t++) {
                 isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(s16[t], ones));
-                isum2[t] = _mm256_add_epi32(isum2[t], _mm256_madd_epi16(r16[t], ones));
+                if (LEVELS == 2) isum2[t] = _mm256_add_epi32(isum2[t], _mm256_madd_epi16(r16[t], ones));
             }
         }
         for (int t = 0; t < MT; t++) {
             const size_t i = (size_t)(m0 + t) * (K / G) + g;
-            const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum2[t]), inv_res, _mm256_cvtepi32_ps(isum[t]));
+            __m256 f = _mm256_cvtepi32_ps(isum[t]);
+            if (LEVELS == 2) f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum2[t]), inv_res, f);
             acc[t] = _mm256_fmadd_ps(f, _mm256_mul_ps(scale, _mm256_set1_ps(dx[i])), acc[t]);
             acc[t] = _mm256_fmadd_ps(mins, _mm256_set1_ps(sx[i]), acc[t]);
         }
@@ -169,15 +134,15 @@ void phi3_int4_matmul(const float *x, int M, int K, const uint8_t *W, int N, int
     for (int rb = 0; rb < nrb; rb++) {
         int m0 = 0;
         if (qx2) {
-            for (; m0 + 2 <= M; m0 += 2) int4_block2(W, ng, G, qx, qx2, dx, sx, K, m0, y, N, rb, 2);
-            if (m0 < M) int4_block2(W, ng, G, qx, qx2, dx, sx, K, m0, y, N, rb, 1);
+            for (; m0 + 2 <= M; m0 += 2) int4_block(W, ng, G, qx, qx2, dx, sx, K, m0, y, N, rb, 2, 2);
+            if (m0 < M) int4_block(W, ng, G, qx, qx2, dx, sx, K, m0, y, N, rb, 1, 2);
             continue;
         }
-        for (; m0 + 4 <= M; m0 += 4) int4_block(W, ng, G, qx, dx, sx, K, m0, y, N, rb, 4);
+        for (; m0 + 4 <= M; m0 += 4) int4_block(W, ng, G, qx, NULL, dx, sx, K, m0, y, N, rb, 4, 1);
         switch (M - m0) {
-            case 3: int4_block(W, ng, G, qx, dx, sx, K, m0, y, N, rb, 3); break;
-            case 2: int4_block(W, ng, G, qx, dx, sx, K, m0, y, N, rb, 2); break;
-            case 1: int4_block(W, ng, G, qx, dx, sx, K, m0, y, N, rb, 1); break;
+            case 3: int4_block(W, ng, G, qx, NULL, dx, sx, K, m0, y, N, rb, 3, 1); break;
+            case 2: int4_block(W, ng, G, qx, NULL, dx, sx, K, m0, y, N, rb, 2, 1); break;
+            case 1: int4_block(W, ng, G, qx, NULL, dx, sx, K, m0, y, N, rb, 1, 1); break;
         }
     }
     free(qx);
