@@ -12,7 +12,7 @@ import phi3
 from phi3.checkpoint import build_model, load_hf_checkpoint, save_hf_checkpoint
 from phi3.config import ModelConfig
 from phi3.errors import CheckpointError, ConfigError
-from phi3.quant import Int4Linear, Int8Embedding, Int8Linear, quantize_int4, quantize_model
+from phi3.quant import QUANTIZED, Int4Linear, Int8Embedding, Int8Linear, quantize_int4, quantize_model
 
 from .conftest import scaled_down
 
@@ -137,14 +137,17 @@ def perplexity(model, ids: list[int], window: int = 512) -> float:
 
 
 def test_perplexity_of_quantized_smollm2(default_gguf, tmp_path):
-    lm = phi3.load(default_gguf)
+    # dequantize=True: the embedded GGUF is Q4_1, which would otherwise load already int4
+    lm = phi3.load(default_gguf, dequantize=True)
+    assert not any(isinstance(m, QUANTIZED) for m in lm.model.modules())
     ids = lm.encode(held_out_text())[:2048]
     assert len(ids) == 2048
     base = perplexity(lm.model, ids)
     results = {}
     for bits, group, limit in ((8, None, 0.005), (4, 32, 0.05)):
         # default head: int8 (an int4 head too costs +5.2 % here; see quantize_model)
-        q = quantize_model(phi3.load(default_gguf).model, bits=bits, group_size=group or 32)
+        q = quantize_model(phi3.load(default_gguf, dequantize=True).model, bits=bits, group_size=group or 32)
+        assert isinstance(q.model.layers[0].mlp.down_proj, Int4Linear if bits == 4 else Int8Linear)
         results[bits] = perplexity(q, ids)
         assert results[bits] / base - 1 < limit, f"int{bits}: {results[bits]:.3f} vs {base:.3f}"
     print(f"perplexity fp32 {base:.3f} int8 {results[8]:.3f} int4-g32 {results[4]:.3f}")
