@@ -141,6 +141,19 @@ def pad_rows(t: torch.Tensor) -> torch.Tensor:
     return _pad_rows(t, _padded(t.shape[0])).contiguous()
 
 
+def _fp16_by_block(v: torch.Tensor, rows: int) -> torch.Tensor:
+    """fp16 [n, groups] per row -> bytes [rows/8, groups, 16]: the 8 values of a row block together."""
+    groups = v.shape[1]
+    v = _pad_rows(v.to(torch.float16), rows).view(rows // ROWS, ROWS, groups).transpose(1, 2)
+    return v.contiguous().view(torch.uint8)
+
+
+def _fp16_by_row(b: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of `_fp16_by_block`: bytes [rb, groups, 16] -> fp16 [n, groups]."""
+    rb, groups = b.shape[0], b.shape[1]
+    return b.contiguous().view(torch.float16).transpose(1, 2).reshape(rb * ROWS, groups)[:n]
+
+
 # ---- int4 -------------------------------------------------------------------------------------
 
 def pack_int4(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -153,11 +166,7 @@ def pack_int4(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_s
     qv = qv.permute(0, 2, 3, 1, 5, 4)  # [rb, g, c, i, b, h]
     nibbles = (qv[..., 0] | (qv[..., 1] << 4)).reshape(rows // ROWS, groups, 4 * group_size)
 
-    def per_block(v):  # fp16 [n, groups] -> bytes [rb, groups, 16]
-        v = _pad_rows(v.to(torch.float16), rows).view(rows // ROWS, ROWS, groups).transpose(1, 2)
-        return v.contiguous().view(torch.uint8)
-
-    return torch.cat((per_block(scales), per_block(mins), nibbles), dim=-1)
+    return torch.cat((_fp16_by_block(scales, rows), _fp16_by_block(mins, rows), nibbles), dim=-1)
 
 
 def pack_int4_nibbles(lib, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
@@ -177,10 +186,7 @@ def unpack_int4(packed: torch.Tensor, n: int, k: int, group_size: int):
     """The inverse of `pack_int4`: q uint8 [n, k] in 0..15, scales, mins fp16 [n, k/group]."""
     rb, groups = packed.shape[0], k // group_size
 
-    def per_row(b):  # bytes [rb, groups, 16] -> fp16 [n, groups]
-        return b.contiguous().view(torch.float16).transpose(1, 2).reshape(rb * ROWS, groups)[:n]
-
-    scales, mins = per_row(packed[..., :16]), per_row(packed[..., 16:32])
+    scales, mins = _fp16_by_row(packed[..., :16], n), _fp16_by_row(packed[..., 16:32], n)
     nib = packed[..., 32:].reshape(rb, groups, group_size // 8, ROWS, 4)  # [rb, g, c, i, b]
     q = torch.stack((nib & 0x0F, nib >> 4), dim=-1)  # [rb, g, c, i, b, h]
     q = q.permute(0, 3, 1, 2, 5, 4).reshape(rb * ROWS, k)[:n]  # [rb, i, g, c, h, b]
@@ -216,8 +222,7 @@ def pack_int8(q: torch.Tensor, scales: torch.Tensor | None, block: int) -> torch
     qv = qv.reshape(rows // ROWS, groups, 8 * block)
     if scales is None:
         return qv.contiguous()
-    s = _pad_rows(scales.to(torch.float16), rows).view(rows // ROWS, ROWS, groups).transpose(1, 2)
-    return torch.cat((s.contiguous().view(torch.uint8), qv), dim=-1)
+    return torch.cat((_fp16_by_block(scales, rows), qv), dim=-1)
 
 
 def unpack_int8(packed: torch.Tensor, n: int, k: int, block: int, grouped: bool):
@@ -225,7 +230,7 @@ def unpack_int8(packed: torch.Tensor, n: int, k: int, block: int, grouped: bool)
     rb, groups = packed.shape[0], k // block
     scales = None
     if grouped:
-        scales = packed[..., :16].contiguous().view(torch.float16).transpose(1, 2).reshape(rb * ROWS, groups)[:n]
+        scales = _fp16_by_row(packed[..., :16], n)
         packed = packed[..., 16:]
     qv = packed.reshape(rb, groups, block // 4, ROWS, 4).permute(0, 3, 1, 2, 4)  # [rb, i, g, c, b]
     q = qv.reshape(rb * ROWS, k)[:n].contiguous().view(torch.int8)
