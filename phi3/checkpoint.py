@@ -17,6 +17,7 @@ from .atomic import atomic_write, atomic_write_bytes
 from .config import ModelConfig, read_config_file
 from .errors import CheckpointError
 from .layers import RotaryEmbedding
+from .memory import return_freed_memory
 from .models.phi3 import Phi3ForCausalLM
 from .quant import load_quantized_modules, quantized_state_dict
 
@@ -111,7 +112,8 @@ def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: to
         if tuple(sd[name].shape) != tuple(shape):
             raise CheckpointError(f"{source}: tensor {name} has shape {list(sd[name].shape)}, "
                                   f"expected {list(shape)} from config.json")
-    sd = {k: v.to(dtype) for k, v in sd.items()}
+    for k in sd:  # one at a time, so each original is freed as soon as it is converted
+        sd[k] = sd[k].to(dtype)
     model.load_state_dict(sd, strict=False, assign=True)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -119,7 +121,10 @@ def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: to
         model.reset_buffers()
     else:
         model.rotary = RotaryEmbedding(cfg)
+    if consume:
+        return_freed_memory()
     return model.eval()
+
 
 
 # ---- reading safetensors ----------------------------------------------------------------------
@@ -145,13 +150,20 @@ def safetensors_files(path: Path) -> list[Path]:
 
 
 def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    """All tensors of the shards, memory-mapped by safetensors; a truncated file is named."""
+    """All tensors of the shards, memory-mapped (read when first touched); a truncated file is named.
+
+    Each tensor comes through its own handle, so each has its own map, unmapped when the tensor is
+    freed. With one handle per file, the map lives as long as any of its tensors, and every page
+    touched while converting the others (quantized layouts, dtypes) would stay resident: loading
+    would peak at twice the file."""
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         size = f.stat().st_size
         try:
             with safe_open(str(f), framework="pt") as handle:
-                for name in handle.keys():
+                names = list(handle.keys())
+            for name in names:
+                with safe_open(str(f), framework="pt") as handle:
                     tensors[name] = handle.get_tensor(name)
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"{f}: truncated or corrupt safetensors file ({size} bytes): {e}") from None

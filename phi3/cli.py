@@ -187,8 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=64, help="int4 group size: 32, 64, 128 or 256")
     p.add_argument("--head-bits", default="8", choices=["4", "8", "none"],
                    help="bits of the output head (default 8: the head is the layer most hurt by 4 bits)")
-    p.add_argument("--embedding-bits", default="none", choices=["8", "none"],
-                   help="store the embedding table in int8 (default: keep it in --dtype)")
+    p.add_argument("--embedding-bits", default="none", choices=["4", "8", "none"],
+                   help="store the embedding table in int8 (a scale per row) or int4 (groups of --group-size); "
+                        "default: keep it in --dtype")
     p.add_argument("--dtype", default="bfloat16", help="dtype of the tensors left unquantized (embeddings, norms)")
     p.set_defaults(func=cmd_quantize)
 

@@ -76,6 +76,14 @@ class GGUFFile:
     metadata: dict[str, Any]  # every KV field as plain python values
     tensors: dict[str, GGUFTensor]  # keyed by GGUF name
     architecture: str  # metadata["general.architecture"]
+    mapping: mmap.mmap | None = field(default=None, repr=False)  # the file, memory-mapped
+
+    def release_pages(self) -> None:
+        """Drop the file's pages from this process's resident memory. They stay in the OS page cache
+        and a later read of any tensor maps them back, so nothing is invalidated; loaders call this
+        after converting each tensor so that the mapping never adds a second copy of the weights."""
+        if self.mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self.mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def parse_gguf(path: str | Path) -> GGUFFile:
@@ -96,7 +104,8 @@ def parse_gguf(path: str | Path) -> GGUFFile:
         raise CheckpointError(f"{path}: truncated or corrupt GGUF ({e})") from e
     except (struct.error, ValueError, OverflowError, MemoryError) as e:  # a length field gone wild
         raise CheckpointError(f"{path}: truncated or corrupt GGUF ({type(e).__name__}: {e})") from e
-    return GGUFFile(path=path, metadata=metadata, tensors=tensors, architecture=metadata.get("general.architecture"))
+    return GGUFFile(path=path, metadata=metadata, tensors=tensors, architecture=metadata.get("general.architecture"),
+                    mapping=buf)
 
 
 def read_gguf(path: str | Path) -> GGUFFile:
@@ -598,6 +607,7 @@ def gguf_state_dict(f: GGUFFile, dtype: torch.dtype = torch.float32) -> dict[str
     for gguf_name, hf_name in names.items():
         if hf_name is not None:
             sd[hf_name] = dequantize(f.tensors[gguf_name], dtype)
+            f.release_pages()
     if f.architecture == "llama":
         _unpermute_llama_qk(f, sd)
     else:
@@ -610,7 +620,8 @@ def gguf_state_dict(f: GGUFFile, dtype: torch.dtype = torch.float32) -> dict[str
 # ---------------------------------------------------------------------------------------------
 # Linear weights load into phi3.quant modules: Q4_0/Q4_1 as int4 and Q8_0 as grouped int8, both
 # bit-exact (groups of 32, fp16 scales); Q4_K/Q5_K are requantized to int4 g32 and Q6_K to int8
-# per channel. Embeddings, norms and F32/F16/BF16 linears stay dense.
+# per channel. A Q4_0/Q4_1/Q8_0 token embedding of a model with its own head stays quantized the
+# same way (looked up row by row); other embeddings, norms and F32/F16/BF16 linears are dense.
 NATIVE_INT4 = ("Q4_0", "Q4_1")
 REQUANT_INT4 = ("Q4_K", "Q5_K")
 REQUANT_INT8 = ("Q6_K",)
@@ -648,7 +659,7 @@ def native_int8(t: GGUFTensor) -> dict[str, torch.Tensor]:
 
 def quantized_linear_parts(t: GGUFTensor) -> tuple[int, dict[str, torch.Tensor]] | None:
     """(bits, stored parts) for a quantized linear weight, None for one that stays dense."""
-    from .quant import Int4Linear, Int8Linear
+    from .quant import pack_nibbles, quantize_int4, quantize_int8_rows
 
     if len(t.shape) != 2:
         return None
@@ -657,10 +668,42 @@ def quantized_linear_parts(t: GGUFTensor) -> tuple[int, dict[str, torch.Tensor]]
     if t.qtype == "Q8_0":
         return 8, native_int8(t)
     if t.qtype in REQUANT_INT4:
-        return 4, Int4Linear.quantize(dequantize(t), GROUP).stored()
+        def int4(w):
+            q, scales, mins = quantize_int4(w, GROUP)
+            return {"qweight": pack_nibbles(q), "scales": scales, "mins": mins}
+        return 4, _requantized(t, int4)
     if t.qtype in REQUANT_INT8:
-        return 8, Int8Linear.quantize(dequantize(t)).stored()
+        return 8, _requantized(t, lambda w: dict(zip(("qweight", "scales"), quantize_int8_rows(w))))
     return None
+
+
+def quantized_embedding_parts(t: GGUFTensor) -> tuple[int, dict[str, torch.Tensor]] | None:
+    """(bits, stored parts) of a token embedding kept in its file's quantization (Q4_0/Q4_1 as int4,
+    Q8_0 as grouped int8, bit-exact), None for one that is dequantized."""
+    if t.qtype in NATIVE_INT4:
+        return 4, native_int4(t)
+    if t.qtype == "Q8_0":
+        return 8, native_int8(t)
+    return None
+
+
+REQUANT_ROWS = 2048  # rows dequantized at a time when requantizing: bounded fp32 scratch (25 MB at 3072)
+
+
+def _requantized(t: GGUFTensor, quantize_rows) -> dict[str, torch.Tensor]:
+    """Dequantize `t` a block of rows at a time and quantize each block with `quantize_rows` (fp32
+    [rows, cols] -> stored parts, row-wise); the parts of all blocks concatenated. The whole tensor is
+    never held in fp32 (the 32064-row head of phi-3-mini would be 394 MB)."""
+    if t.qtype not in BLOCK_LAYOUT:
+        dequantize(t)  # raises the clear error naming the tensor and its type
+    blocks, rows, cols = _block_fields(t)
+    size = blocks.shape[-1]
+    pieces = []
+    for lo in range(0, rows, REQUANT_ROWS):
+        chunk = blocks[lo:lo + REQUANT_ROWS]
+        w = _dequantize_blocks(t.qtype, chunk.reshape(-1, size), torch.float32).view(chunk.shape[0], cols)
+        pieces.append(quantize_rows(w))
+    return {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
 
 
 def _map_rows(parts: dict[str, torch.Tensor], fn) -> dict[str, torch.Tensor]:
@@ -674,18 +717,28 @@ def gguf_quantized_state_dict(f: GGUFFile, dtype: torch.dtype = torch.float32) -
     Returns (state dict with `{module}.qweight/.scales/.mins` entries for the quantized linears
     and dense tensors for the rest, the `quantization` config section naming them). Llama q/k
     rows are unpermuted and separate q/k/v (gate/up) fused on the quantized parts themselves."""
+    from .memory import return_freed_memory
+
     names = {g: hf_tensor_name(f, g) for g in f.tensors}
+    # the embedding keeps its quantization only when the head is a tensor of its own (a tied head
+    # stays the dense table, as before)
+    untied = "output.weight" in f.tensors
     dense: dict[str, torch.Tensor] = {}
     quant: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}  # module name -> (bits, parts)
     for gguf_name, hf_name in names.items():
         if hf_name is None:
             continue
         t = f.tensors[gguf_name]
-        parts = None if hf_name == "model.embed_tokens.weight" else quantized_linear_parts(t)
+        if hf_name == "model.embed_tokens.weight":
+            parts = quantized_embedding_parts(t) if untied else None
+        else:
+            parts = quantized_linear_parts(t)
         if parts is None:
             dense[hf_name] = dequantize(t, dtype)
         else:
             quant[hf_name.removesuffix(".weight")] = parts
+        f.release_pages()  # converted: the file's pages need not stay resident,
+        return_freed_memory()  # nor the conversion's scratch
     if f.architecture == "llama":
         _unpermute_llama_qk(f, dense)
         n_head = _meta_int(f, "llama.attention.head_count")

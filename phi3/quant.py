@@ -21,6 +21,7 @@ from torch import nn
 
 from . import cpu_kernels
 from .errors import ConfigError
+from .memory import return_freed_memory
 
 GROUP_SIZES = (32, 64, 128, 256)
 
@@ -37,6 +38,7 @@ class Int8Linear(nn.Module):
     nibbles), w = d·q = 16d·(h − 8) + d·l, so y = [x | x] @ [h | l]ᵀ with scale 16d / zero 0 on the
     h groups and scale d / zero 8d on the l groups."""
 
+    STORED = ("qweight", "scales")  # the tensors `stored()` gives (plus "bias" for a biased linear)
     compute_dtype = COMPUTE_DTYPE
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
@@ -233,6 +235,7 @@ class Int4Linear(nn.Module):
     runs them: phi3's native AVX2 kernel (`cpu_kernels`, scales and mins inline) where it can run,
     else PyTorch's `_weight_int4pack_mm_for_cpu`. The file layout is rebuilt from it when saving."""
 
+    STORED = ("qweight", "scales", "mins")
     compute_dtype = COMPUTE_DTYPE
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
@@ -317,20 +320,34 @@ class Int4Linear(nn.Module):
 
 
 def _by_rows(pack_rows, n: int, step: int = 1024) -> torch.Tensor:
-    """`pack_rows(lo, hi)` over blocks of rows (a multiple of 8), concatenated: bounded scratch."""
-    parts = [pack_rows(lo, min(lo + step, n)) for lo in range(0, n, step)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    """`pack_rows(lo, hi)` over blocks of `step` rows (a multiple of 8), written into one tensor along
+    dim 0: bounded scratch, and no second copy of the whole result (as a concatenation would make).
+    Every full block packs to the same number of leading rows; the last may be shorter."""
+    if n <= step:
+        return pack_rows(0, n)
+    last_lo = (n - 1) // step * step
+    last, first = pack_rows(last_lo, n), pack_rows(0, step)
+    r = first.shape[0]  # packed rows per full block
+    out = first.new_empty((r * (last_lo // step) + last.shape[0], *first.shape[1:]))
+    out[:r], out[r * (last_lo // step):] = first, last
+    del first, last
+    for lo in range(step, last_lo, step):
+        out[r * (lo // step):r * (lo // step + 1)] = pack_rows(lo, lo + step)
+    return out
 
 
 class Int8Embedding(nn.Module):
-    """Embedding table in int8 with one scale per row; rows are dequantized as they are looked up."""
+    """Embedding table in int8, one scale per row (`scales` fp32 [vocab]) or per group of inputs
+    (`scales` fp16 [vocab, hidden/group]: GGUF's Q8_0); rows are dequantized as they are looked up."""
+
+    STORED = ("qweight", "scales")
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         self.num_embeddings, self.embedding_dim = qweight.shape
         self.dtype = dtype  # the activation dtype the rows are returned in
         self.register_buffer("qweight", qweight, persistent=False)  # int8 [vocab, hidden]
-        self.register_buffer("scales", scales, persistent=False)  # fp32 [vocab]
+        self.register_buffer("scales", scales, persistent=False)
 
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> "Int8Embedding":
@@ -339,19 +356,69 @@ class Int8Embedding(nn.Module):
     @classmethod
     def from_stored(cls, t: dict[str, torch.Tensor], group_size: int | None = None,
                     dtype: torch.dtype = torch.bfloat16) -> "Int8Embedding":
-        return cls(t["qweight"], t["scales"].float(), dtype)
+        scales = t["scales"]
+        return cls(t["qweight"], scales.float() if scales.dim() == 1 else scales.half(), dtype)
 
     def stored(self) -> dict[str, torch.Tensor]:
         return {"qweight": self.qweight, "scales": self.scales}
 
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """fp32 [len(ids), hidden]"""
+        q, s = self.qweight[ids].float(), self.scales[ids].float()
+        if s.dim() == 1:
+            return q * s[:, None]
+        return (q.view(len(ids), s.shape[1], -1) * s[..., None]).view(len(ids), self.embedding_dim)
+
     def dequantize(self) -> torch.Tensor:
-        return self.qweight.float() * self.scales[:, None]
+        return self._rows(torch.arange(self.num_embeddings))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return (self.qweight[ids].float() * self.scales[ids][..., None]).to(self.dtype)
+        return self._rows(ids.reshape(-1)).view(*ids.shape, self.embedding_dim).to(self.dtype)
 
 
-QUANTIZED = (Int8Linear, Int4Linear, Int8Embedding)
+class Int4Embedding(nn.Module):
+    """Embedding table in group-wise int4 with the int4 linear's file layout (w = q·s + m per group):
+    GGUF's Q4_0/Q4_1 token embeddings load into it unchanged; rows are dequantized as they are looked up."""
+
+    STORED = ("qweight", "scales", "mins")
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                 dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = qweight.shape[0], qweight.shape[1] * 2
+        self.group_size = self.embedding_dim // scales.shape[1]
+        self.dtype = dtype
+        self.register_buffer("qweight", qweight, persistent=False)  # uint8 [vocab, hidden/2]
+        self.register_buffer("scales", scales.half(), persistent=False)  # fp16 [vocab, hidden/group]
+        self.register_buffer("mins", mins.half(), persistent=False)  # fp16 [vocab, hidden/group]
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, group_size: int) -> "Int4Embedding":
+        q, scales, mins = quantize_int4(weight, group_size)
+        return cls(pack_nibbles(q), scales, mins, weight.dtype)
+
+    @classmethod
+    def from_stored(cls, t: dict[str, torch.Tensor], group_size: int | None = None,
+                    dtype: torch.dtype = torch.bfloat16) -> "Int4Embedding":
+        return cls(t["qweight"], t["scales"], t["mins"], dtype)
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        return {"qweight": self.qweight, "scales": self.scales, "mins": self.mins}
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """fp32 [len(ids), hidden]"""
+        q = unpack_nibbles(self.qweight[ids], torch.float32).view(len(ids), -1, self.group_size)  # [n, groups, G]
+        w = q * self.scales[ids].float()[..., None] + self.mins[ids].float()[..., None]
+        return w.view(len(ids), self.embedding_dim)
+
+    def dequantize(self) -> torch.Tensor:
+        return self._rows(torch.arange(self.num_embeddings))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._rows(ids.reshape(-1)).view(*ids.shape, self.embedding_dim).to(self.dtype)
+
+
+QUANTIZED = (Int8Linear, Int4Linear, Int8Embedding, Int4Embedding)
 
 
 def check_quant_args(bits: int, group_size: int | None, what: str = "quantization") -> None:
@@ -378,12 +445,13 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, head_b
     The output head is quantized to `head_bits` (None keeps it in full precision). Its default is 8:
     the head is the layer most sensitive to 4 bits (on SmolLM2-135M, int4 g32 everywhere costs +5 %
     perplexity, int4 with an int8 head +0.1 %), which is also why llama.cpp keeps it at Q6_K/Q8_0.
-    The embedding table can be stored in int8 (`embedding_bits=8`)."""
+    The embedding table can be stored in int8 (`embedding_bits=8`, a scale per row) or int4
+    (`embedding_bits=4`, groups of `group_size`)."""
     check_quant_args(bits, group_size)
     if head_bits is not None:
         check_quant_args(head_bits, group_size, "head")
-    if embedding_bits not in (None, 8):
-        raise ConfigError(f"embedding bits={embedding_bits!r} is not supported (use 8, or none)")
+    if embedding_bits not in (None, 4, 8):
+        raise ConfigError(f"embedding bits={embedding_bits!r} is not supported (use 4, 8, or none)")
     plan = {name: bits for name in decoder_linears(model)}
     if head_bits is not None:
         plan["lm_head"] = head_bits
@@ -395,9 +463,11 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, head_b
         linear = model.get_submodule(name)
         weight, bias = linear.weight, linear.bias
         _set_module(model, name, Int8Linear.quantize(weight, bias) if b == 8 else Int4Linear.quantize(weight, group_size, bias))
-    if embedding_bits == 8:
-        plan["model.embed_tokens"] = 8
-        _set_module(model, "model.embed_tokens", Int8Embedding.quantize(model.model.embed_tokens.weight))
+    if embedding_bits is not None:
+        plan["model.embed_tokens"] = embedding_bits
+        weight = model.model.embed_tokens.weight
+        _set_module(model, "model.embed_tokens", Int8Embedding.quantize(weight) if embedding_bits == 8
+                    else Int4Embedding.quantize(weight, group_size))
     model.config.raw["quantization"] = quantization_config(bits, group_size, plan)
     return model
 
@@ -409,7 +479,7 @@ def quantization_config(bits: int, group_size: int, modules: dict[str, int]) -> 
 
 def _module_class(name: str, bits: int) -> type[nn.Module]:
     if name.endswith("embed_tokens"):
-        return Int8Embedding
+        return Int8Embedding if bits == 8 else Int4Embedding
     return Int8Linear if bits == 8 else Int4Linear
 
 
@@ -427,14 +497,16 @@ def load_quantized_modules(model: nn.Module, qcfg: dict, tensors: dict[str, torc
         check_quant_args(bits, group, f"{source}: module {name}")
         cls = _module_class(name, bits)
         parts = {}
-        for key in ("qweight", "scales", "mins") if cls is Int4Linear else ("qweight", "scales"):
+        for key in cls.STORED:
             full = f"{name}.{key}"
             if full not in tensors:
                 raise CheckpointError(f"{source}: missing tensor {full} (quantized {bits}-bit module {name})")
             parts[key] = tensors.pop(full)
-        if cls is not Int8Embedding and f"{name}.bias" in tensors:  # a biased linear keeps its bias as is
+        if cls not in (Int8Embedding, Int4Embedding) and f"{name}.bias" in tensors:  # a biased linear keeps its bias as is
             parts["bias"] = tensors.pop(f"{name}.bias")
         _set_module(model, name, cls.from_stored(parts, group, dtype))
+        del parts
+        return_freed_memory()  # the stored layout just converted
 
 
 def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

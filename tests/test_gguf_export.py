@@ -12,10 +12,11 @@ from phi3.generate import SamplingParams, generate_tokens
 from phi3.checkpoint import build_model
 from phi3.config import ModelConfig
 from phi3.errors import Phi3Error
-from phi3.gguf import GGUFTensor, dequantize, gguf_to_hf_config, native_int4, native_int8, read_gguf
+from phi3.gguf import (GGUFTensor, dequantize, gguf_to_hf_config, native_int4, native_int8, quantized_embedding_parts,
+                       quantized_linear_parts, read_gguf)
 from phi3.gguf_export import permute_rows, quantize_q4_0, quantize_q8_0, write_gguf
 from phi3.models.phi3 import Phi3ForCausalLM
-from phi3.quant import Int4Linear, Int8Linear
+from phi3.quant import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
 from phi3.tokenizer import Tokenizer
 
 from .conftest import SHARED, scaled_down
@@ -58,6 +59,34 @@ def test_native_parts_are_exactly_the_gguf_values(qtype):
     expected = x @ dequantize(t).T
     # the kernels round activations (to int8 blocks, like llama.cpp, or to bf16)
     assert (layer(x) - expected).abs().max() < 0.02 * expected.abs().max()
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0])
+def test_quantized_embedding_rows_are_exactly_the_gguf_values(qtype):
+    t = _tensor(qtype, torch.randn(50, 128))
+    bits, parts = quantized_embedding_parts(t)
+    table = (Int8Embedding if bits == 8 else Int4Embedding).from_stored(parts, dtype=torch.float32)
+    ids = torch.tensor([[3, 49, 0], [7, 7, 12]])
+    assert torch.equal(table(ids), torch.nn.functional.embedding(ids, dequantize(t)))
+    assert torch.equal(table.dequantize(), dequantize(t))
+
+
+@pytest.mark.parametrize("qtype", [QT.Q6_K, QT.Q4_K])
+def test_requantized_types_are_converted_in_row_blocks(qtype, monkeypatch):
+    """Q6_K (-> int8 per channel) and Q4_K (-> int4 g32) are requantized a block of rows at a time:
+    the same result as requantizing the whole dequantized tensor at once."""
+    from phi3.quant import pack_nibbles, quantize_int4, quantize_int8_rows
+    from .test_gguf import _raw_for
+    t = GGUFTensor("output.weight", qtype.name, (40, 256), _raw_for(qtype.name, (40, 256)))
+    monkeypatch.setattr("phi3.gguf.REQUANT_ROWS", 16)
+    bits, parts = quantized_linear_parts(t)
+    w = dequantize(t)
+    if qtype == QT.Q6_K:
+        q, s = quantize_int8_rows(w)
+        assert bits == 8 and torch.equal(parts["qweight"], q) and torch.equal(parts["scales"], s)
+    else:
+        q, s, m = quantize_int4(w, 32)
+        assert bits == 4 and torch.equal(parts["qweight"], pack_nibbles(q)) and torch.equal(parts["mins"], m)
 
 
 def test_quantized_gguf_stays_quantized(default_gguf):
@@ -132,6 +161,9 @@ def test_phi3_longrope_export_reads_back(longrope_phi3, tmp_path, kind):
     if kind == "q4_0":
         assert isinstance(back.model.model.layers[1].mlp.down_proj, Int4Linear)
         assert f.tensors["output.weight"].qtype == "Q8_0"  # the head keeps 8 bits
+    if kind != "f16":  # the Q8_0 embedding of an untied model stays quantized, exactly
+        assert isinstance(back.model.model.embed_tokens, Int8Embedding)
+        assert torch.equal(back.model.model.embed_tokens.dequantize(), dequantize(f.tensors["token_embd.weight"]))
     ids = torch.randint(0, 32064, (1, 40))  # crosses the LongRoPE switch (original = 32)
     with torch.no_grad():
         ref, out = longrope_phi3(ids), back.model(ids)

@@ -12,7 +12,7 @@ import phi3
 from phi3.checkpoint import build_model, load_hf_checkpoint, save_hf_checkpoint
 from phi3.config import ModelConfig
 from phi3.errors import CheckpointError, ConfigError
-from phi3.quant import QUANTIZED, Int4Linear, Int8Embedding, Int8Linear, quantize_int4, quantize_model
+from phi3.quant import QUANTIZED, Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, quantize_int4, quantize_model
 
 from .conftest import scaled_down
 
@@ -60,7 +60,7 @@ def _random_state(hf):
     return {k: torch.randn(v.shape) * 0.1 for k, v in shapes.items() if k != "lm_head.weight"}
 
 
-@pytest.mark.parametrize("bits,head,embedding", [(8, 8, None), (4, 8, 8), (4, 4, None), (4, None, 8)])
+@pytest.mark.parametrize("bits,head,embedding", [(8, 8, None), (4, 8, 8), (4, 4, None), (4, None, 8), (4, 8, 4)])
 def test_quantized_checkpoint_round_trip(tmp_path, tiny, bits, head, embedding):
     model = quantize_model(tiny(), bits=bits, group_size=32, head_bits=head, embedding_bits=embedding)
     ids = torch.randint(0, 160, (2, 20))
@@ -80,7 +80,7 @@ def test_quantized_checkpoint_round_trip(tmp_path, tiny, bits, head, embedding):
     assert isinstance(loaded.model.layers[1].mlp.down_proj, kind)
     head_kind = {None: torch.nn.Linear, 8: Int8Linear, 4: Int4Linear}[head]
     assert type(loaded.lm_head) is head_kind
-    assert type(loaded.model.embed_tokens) is (Int8Embedding if embedding else torch.nn.Embedding)
+    assert type(loaded.model.embed_tokens) is {None: torch.nn.Embedding, 8: Int8Embedding, 4: Int4Embedding}[embedding]
     with torch.no_grad():
         assert torch.equal(loaded(ids), before)
 
@@ -100,8 +100,8 @@ def test_bad_quantization_arguments(tiny):
         quantize_model(tiny(), bits=3)
     with pytest.raises(ConfigError, match="group_size=48"):
         quantize_model(tiny(), bits=4, group_size=48)
-    with pytest.raises(ConfigError, match="embedding bits=4"):
-        quantize_model(tiny(), bits=4, group_size=32, embedding_bits=4)
+    with pytest.raises(ConfigError, match="embedding bits=2"):
+        quantize_model(tiny(), bits=4, group_size=32, embedding_bits=2)
 
 
 def test_missing_quantized_tensor_is_named(tmp_path, tiny):
@@ -151,3 +151,59 @@ def test_perplexity_of_quantized_smollm2(default_gguf, tmp_path):
         results[bits] = perplexity(q, ids)
         assert results[bits] / base - 1 < limit, f"int{bits}: {results[bits]:.3f} vs {base:.3f}"
     print(f"perplexity fp32 {base:.3f} int8 {results[8]:.3f} int4-g32 {results[4]:.3f}")
+
+
+def test_loading_an_int4_checkpoint_peaks_below_1_2x_its_size(tmp_path):
+    """An int4 g64 checkpoint of a phi-3-shaped model (~230 MB, int4 embedding, int8 head) loads
+    already packed: the load adds at most 1.2 × the file size to the process's peak resident memory
+    (measured in a fresh process: VmHWM after the load minus VmRSS before it)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+    from phi3.config import load_preset
+    from phi3.models.phi3 import Phi3ForCausalLM
+    from phi3.quant import quantization_config
+
+    hf = load_preset("phi-3-mini-4k-instruct").to_hf_dict()
+    hf.update(num_hidden_layers=4, hidden_size=2048, intermediate_size=6144, num_attention_heads=16,
+              num_key_value_heads=16)
+    with torch.device("meta"):
+        shapes = Phi3ForCausalLM(ModelConfig.from_hf_dict(hf)).state_dict()
+    g = torch.Generator().manual_seed(0)
+    tensors, modules = {}, {}
+    for name, t in shapes.items():
+        module = name.removesuffix(".weight")
+        bits = 8 if module == "lm_head" else 4 if t.dim() == 2 else None
+        if bits is None:
+            tensors[name] = torch.ones(t.shape, dtype=torch.bfloat16)
+            continue
+        n, k = t.shape
+        modules[module] = bits
+        if bits == 8:
+            tensors[f"{module}.qweight"] = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+            tensors[f"{module}.scales"] = torch.rand(n, generator=g) * 1e-3
+        else:
+            tensors[f"{module}.qweight"] = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+            tensors[f"{module}.scales"] = (torch.rand(n, k // 64, generator=g) * 1e-3).half()
+            tensors[f"{module}.mins"] = (-8 * tensors[f"{module}.scales"].float()).half()
+    hf["quantization"] = quantization_config(4, 64, modules)
+    hf["torch_dtype"] = "bfloat16"
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    size = (tmp_path / "model.safetensors").stat().st_size
+    del tensors
+    probe = (
+        "import sys, torch, phi3\n"
+        "from phi3.checkpoint import load_hf_checkpoint\n"
+        "status = lambda key: int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith(key))) * 1024\n"
+        "before = status('VmRSS')\n"
+        "model = load_hf_checkpoint(sys.argv[1])\n"
+        "assert type(model.model.embed_tokens).__name__ == 'Int4Embedding'\n"
+        "print(status('VmHWM') - before)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    added = int(out.stdout.strip().splitlines()[-1])
+    assert size > 150e6
+    assert added <= 1.2 * size, f"loading added {added / 1e6:.0f} MB of peak RSS for a {size / 1e6:.0f} MB file"
