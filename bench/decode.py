@@ -5,7 +5,8 @@
 
 Set-up (cached in --workdir): random phi-3-mini-shaped weights (speed does not depend on the
 values) written once as our bf16 HF checkpoint and as a GGUF F16 by `phi3.gguf_export`; llama.cpp's
-own quantizer makes Q4_0 and Q8_0 from that F16 file; `phi3.quant` makes our int4 g32 checkpoint.
+own quantizer makes Q4_0 and Q8_0 from that F16 file; `phi3.quant` makes our int4 checkpoint
+(`phi3 quantize --bits 4 --group-size 64 --embedding-bits 4`: int8 head, int4 embedding).
 Every engine then runs in a fresh subprocess (so peak RSS is its own), engines interleaved,
 `--rounds` times: load, prefill of --prompt tokens, --new greedy tokens. Our int4/int8 load the
 llama.cpp Q4_0/Q8_0 files natively, so both sides multiply the very same quantized weights.
@@ -37,14 +38,14 @@ ENGINES = {  # name -> (artifact, kind[, extra environment])
     "llama.cpp Q4_0": ("q4_0.gguf", "llama"),
     "phi3 int8 (Q8_0 file)": ("q8_0.gguf", "ours"),
     "llama.cpp Q8_0": ("q8_0.gguf", "llama"),
-    "phi3 int4 g32 (ours)": ("int4", "ours"),
+    "phi3 int4 g64 (ours)": ("int4-g64", "ours"),
     "phi3 bf16": ("bf16", "ours"),
     "llama.cpp F16": ("f16.gguf", "llama"),
     "transformers bf16": ("bf16", "hf"),
 }
 PAIRS = [("phi3 int4 (Q4_0 file)", "llama.cpp Q4_0"), ("phi3 int4 (Q4_0 file) 2-level act.", "llama.cpp Q4_0"),
          ("phi3 int8 (Q8_0 file)", "llama.cpp Q8_0"),
-         ("phi3 int4 g32 (ours)", "llama.cpp Q4_0"), ("phi3 bf16", "llama.cpp F16")]
+         ("phi3 int4 g64 (ours)", "llama.cpp Q4_0"), ("phi3 bf16", "llama.cpp F16")]
 
 
 # ---- set-up ------------------------------------------------------------------------------------
@@ -91,11 +92,11 @@ def build_artifacts(work: Path, layers: int) -> None:
                                                 params)
             if rc != 0:
                 raise SystemExit(f"llama_model_quantize failed ({rc})")
-    if not (work / "int4" / "config.json").exists():
+    if not (work / "int4-g64" / "config.json").exists():
         model = load_hf_checkpoint(work / "bf16")
-        print("writing int4 (phi3 quantize --bits 4 --group-size 32)", flush=True)
-        quantize_model(model, bits=4, group_size=32)
-        save_hf_checkpoint(model, work / "int4", tokenizer=tok)
+        print("writing int4-g64 (phi3 quantize --bits 4 --group-size 64 --embedding-bits 4)", flush=True)
+        quantize_model(model, bits=4, group_size=64, embedding_bits=4)
+        save_hf_checkpoint(model, work / "int4-g64", tokenizer=tok)
 
 
 def memory_bandwidth(threads: int) -> float:
@@ -205,7 +206,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2, help="0: only build the artifacts")
     ap.add_argument("--workdir", default="/tmp/phi3-bench-decode")
     ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -217,6 +218,8 @@ def main() -> None:
 
     work = Path(args.workdir) / f"layers{args.layers}"
     build_artifacts(work, args.layers)
+    if args.rounds == 0:  # set-up only
+        return
     engines = [e.strip() for e in args.engines.split(",")]
     results: dict[str, list[dict]] = {e: [] for e in engines}
     bandwidth = []

@@ -240,13 +240,49 @@ void phi3_pack_int4(const uint8_t *qw, const uint16_t *scales, const uint16_t *m
     }
 }
 
+/* exp(x) for x <= 0, 8 lanes: 2^n · p(r) with x = n·ln2 + r, |r| <= ln2/2, a degree-6 Taylor
+ * polynomial (relative error < 2e-7, below fp32 rounding of the softmax sums); x < -87 gives 0. */
+ALWAYS_INLINE __m256 exp_neg_ps(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.f);
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  /* ln2 split hi + lo: exact n·hi */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+/* The 8 horizontal sums of a0..a7, in order, in one vector. */
+ALWAYS_INLINE __m256 hsum8_ps(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6, __m256 a7) {
+    const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));  /* [0123 lo | 0123 hi] */
+    const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+    return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+ALWAYS_INLINE __m256 load_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+
 /* Attention of one new query per row over an fp16 KV cache (decode; llama.cpp also keeps K and V
  * in fp16). q fp32 [B, H, D]; k, v fp16 [B, KV, L, D] of which keys 0 .. S-1 are read; query head h
  * reads KV head h / (H / KV); valid uint8 [B, S] (1 = attend) or NULL; out fp32 [B, H, D].
- * D must be a multiple of 8. Softmax in fp32, scale 1/sqrt(D) given as `scale`. */
+ * D must be a multiple of 8. Softmax in fp32, scale 1/sqrt(D) given as `scale`.
+ * Scores go 8 keys at a time (8 dot products side by side, one horizontal reduction for all 8);
+ * the weighted sum of V goes through D in slices of 32 outputs held in registers, a block of keys
+ * at a time so that each cache line of V comes from memory once. */
+#define VBLOCK 64
+#define KAHEAD 32  /* keys ahead for software prefetch */
 void phi3_attend_f16(const float *q, const uint16_t *k, const uint16_t *v, const uint8_t *valid, float *out,
                      int B, int H, int KV, int L, int S, int D, float scale, int nthreads) {
     const int group = H / KV;
+    const int S8 = (S + 7) & ~7;
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int bh = 0; bh < B * H; bh++) {
         const int b = bh / H, h = bh % H;
@@ -254,34 +290,86 @@ void phi3_attend_f16(const float *q, const uint16_t *k, const uint16_t *v, const
         const uint16_t *kh = k + ((size_t)b * KV + h / group) * L * D;
         const uint16_t *vh = v + ((size_t)b * KV + h / group) * L * D;
         const uint8_t *ok = valid ? valid + (size_t)b * S : NULL;
-        float *p = malloc(sizeof(float) * (size_t)(S > 0 ? S : 1));
+        float *p = aligned_alloc(32, sizeof(float) * (size_t)(S8 > 0 ? S8 : 8));
+        /* scores, 8 keys at a time (the last block reads key 0 again for its missing keys) */
+        for (int s0 = 0; s0 < S; s0 += 8) {
+            const uint16_t *kr[8];
+            for (int j = 0; j < 8; j++) kr[j] = kh + (size_t)(s0 + j < S ? s0 + j : 0) * D;
+            if (s0 + KAHEAD + 8 <= S) {  /* the rows KAHEAD keys ahead: 8·D fp16 = 8·2·D bytes */
+                const char *ahead = (const char *)(kh + (size_t)(s0 + KAHEAD) * D);
+                for (int l = 0; l < 16 * D; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
+            }
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+            for (int d = 0; d < D; d += 8) {
+                const __m256 qd = _mm256_loadu_ps(qh + d);
+                a0 = _mm256_fmadd_ps(qd, load_f16(kr[0] + d), a0);
+                a1 = _mm256_fmadd_ps(qd, load_f16(kr[1] + d), a1);
+                a2 = _mm256_fmadd_ps(qd, load_f16(kr[2] + d), a2);
+                a3 = _mm256_fmadd_ps(qd, load_f16(kr[3] + d), a3);
+                a4 = _mm256_fmadd_ps(qd, load_f16(kr[4] + d), a4);
+                a5 = _mm256_fmadd_ps(qd, load_f16(kr[5] + d), a5);
+                a6 = _mm256_fmadd_ps(qd, load_f16(kr[6] + d), a6);
+                a7 = _mm256_fmadd_ps(qd, load_f16(kr[7] + d), a7);
+            }
+            _mm256_store_ps(p + s0, _mm256_mul_ps(hsum8_ps(a0, a1, a2, a3, a4, a5, a6, a7), _mm256_set1_ps(scale)));
+        }
         float mx = -INFINITY;
         for (int s = 0; s < S; s++) {
-            if (ok && !ok[s]) { p[s] = -INFINITY; continue; }
-            const uint16_t *ks = kh + (size_t)s * D;
-            __m256 acc = _mm256_setzero_ps();
-            for (int d = 0; d < D; d += 8)
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ks + d))), acc);
-            __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-            r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-            r = _mm_add_ss(r, _mm_movehdup_ps(r));
-            p[s] = _mm_cvtss_f32(r) * scale;
-            if (p[s] > mx) mx = p[s];
+            if (ok && !ok[s]) p[s] = -INFINITY;
+            else if (p[s] > mx) mx = p[s];
         }
         float *o = out + (size_t)bh * D;
-        for (int d = 0; d < D; d++) o[d] = 0.f;
-        if (mx == -INFINITY) { free(p); continue; }  /* nothing to attend: zeros, never NaN */
-        float sum = 0.f;
-        for (int s = 0; s < S; s++) { p[s] = p[s] == -INFINITY ? 0.f : expf(p[s] - mx); sum += p[s]; }
-        const float inv = 1.f / sum;
-        for (int s = 0; s < S; s++) {
-            if (p[s] == 0.f) continue;
-            const __m256 w = _mm256_set1_ps(p[s] * inv);
-            const uint16_t *vs = vh + (size_t)s * D;
-            for (int d = 0; d < D; d += 8)
-                _mm256_storeu_ps(o + d, _mm256_fmadd_ps(w, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vs + d))),
-                                                        _mm256_loadu_ps(o + d)));
+        if (mx == -INFINITY) {  /* nothing to attend: zeros, never NaN */
+            for (int d = 0; d < D; d++) o[d] = 0.f;
+            free(p);
+            continue;
         }
+        for (int s = S; s < S8; s++) p[s] = -INFINITY;
+        __m256 sum = _mm256_setzero_ps();
+        for (int s0 = 0; s0 < S8; s0 += 8) {
+            const __m256 e = exp_neg_ps(_mm256_sub_ps(_mm256_load_ps(p + s0), _mm256_set1_ps(mx)));
+            _mm256_store_ps(p + s0, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        __m128 r = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+        r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        r = _mm_add_ss(r, _mm_movehdup_ps(r));
+        const float inv = 1.f / _mm_cvtss_f32(r);
+        /* o = Σ p_s v_s: blocks of VBLOCK keys (in L1 after the first slice), slices of 32 outputs */
+        for (int d = 0; d < D; d++) o[d] = 0.f;
+        for (int s0 = 0; s0 < S; s0 += VBLOCK) {
+            const int s1 = s0 + VBLOCK < S ? s0 + VBLOCK : S;
+            int d0 = 0;
+            for (; d0 + 32 <= D; d0 += 32) {
+                __m256 o0 = _mm256_loadu_ps(o + d0), o1 = _mm256_loadu_ps(o + d0 + 8);
+                __m256 o2 = _mm256_loadu_ps(o + d0 + 16), o3 = _mm256_loadu_ps(o + d0 + 24);
+                for (int s = s0; s < s1; s++) {
+                    if (d0 == 0 && s + KAHEAD < S) {  /* first slice: fetch the whole row ahead */
+                        const char *ahead = (const char *)(vh + (size_t)(s + KAHEAD) * D);
+                        for (int l = 0; l < 2 * D; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
+                    }
+                    if (p[s] == 0.f) continue;
+                    const __m256 w = _mm256_set1_ps(p[s]);
+                    const uint16_t *vs = vh + (size_t)s * D + d0;
+                    o0 = _mm256_fmadd_ps(w, load_f16(vs), o0);
+                    o1 = _mm256_fmadd_ps(w, load_f16(vs + 8), o1);
+                    o2 = _mm256_fmadd_ps(w, load_f16(vs + 16), o2);
+                    o3 = _mm256_fmadd_ps(w, load_f16(vs + 24), o3);
+                }
+                _mm256_storeu_ps(o + d0, o0);
+                _mm256_storeu_ps(o + d0 + 8, o1);
+                _mm256_storeu_ps(o + d0 + 16, o2);
+                _mm256_storeu_ps(o + d0 + 24, o3);
+            }
+            for (; d0 < D; d0 += 8) {
+                __m256 o0 = _mm256_loadu_ps(o + d0);
+                for (int s = s0; s < s1; s++)
+                    if (p[s] != 0.f) o0 = _mm256_fmadd_ps(_mm256_set1_ps(p[s]), load_f16(vh + (size_t)s * D + d0), o0);
+                _mm256_storeu_ps(o + d0, o0);
+            }
+        }
+        const __m256 iv = _mm256_set1_ps(inv);
+        for (int d = 0; d < D; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(o + d), iv));
         free(p);
     }
 }
