@@ -101,6 +101,8 @@ def _load() -> ctypes.CDLL | None:
     f = ctypes.c_float
     lib.phi3_attend_f16.argtypes = [p, p, p, p, p, i, i, i, i, i, i, f, i]
     lib.phi3_attend_f16.restype = None
+    lib.phi3_decode_attend_f16.argtypes = [p, p, p, p, p, p, p, i, i, i, i, i, i, i, f, i]
+    lib.phi3_decode_attend_f16.restype = None
     return lib
 
 
@@ -267,6 +269,39 @@ def attend_f16(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     lib.phi3_attend_f16(qf.data_ptr(), k.data_ptr(), v.data_ptr(), None if valid is None else valid.data_ptr(),
                         out.data_ptr(), b, h, kv, length, s, d, d ** -0.5, torch.get_num_threads())
     return out
+
+
+MAX_HEAD_DIM = 512  # as in the C file
+
+
+def decode_attend_f16(lib, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, start: int, mask: torch.Tensor | None, n_heads: int, n_kv: int) -> torch.Tensor:
+    """One decode step of attention from the fused projection, in one call: qkv fp32 [B, 1, (H + 2·KV)·D];
+    cos, sin fp32 broadcastable to [B, 1, 1, rot]; the fp16 caches [B, KV, L, D] get the new key (rotated)
+    and value at slot `start`; mask bool broadcastable to [B, 1, 1, start + 1] or None.
+    Returns fp32 [B, 1, H·D]: the same as RoPE + `KVCache.update` + `attend_f16` (see `Attention`)."""
+    b, _, width = qkv.shape
+    d, length, rot = k_cache.shape[-1], k_cache.shape[2], cos.shape[-1]
+    s = start + 1
+    qkv = qkv.contiguous()
+    cos = cos.reshape(-1, rot).expand(b, rot).contiguous()
+    sin = sin.reshape(-1, rot).expand(b, rot).contiguous()
+    valid = None if mask is None else mask.expand(b, 1, 1, s).reshape(b, s).contiguous()
+    out = torch.empty(b, 1, n_heads * d)
+    lib.phi3_decode_attend_f16(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                               None if valid is None else valid.data_ptr(), out.data_ptr(), b, n_heads, n_kv, length,
+                               start, d, rot, d ** -0.5, torch.get_num_threads())
+    return out
+
+
+def can_decode_attend_f16(qkv: torch.Tensor, cos: torch.Tensor, k_cache: torch.Tensor, start: int) -> bool:
+    """Whether `decode_attend_f16` takes these: one new fp32 token per row, written at the same slot
+    `start` (an int: the server's per-row slots take the unfused path), fp32 cos / sin, a contiguous
+    fp16 cache with room at `start`, head_dim a multiple of 8 (at most MAX_HEAD_DIM)."""
+    d = k_cache.shape[-1]
+    return (isinstance(start, int) and qkv.shape[1] == 1 and qkv.dtype == torch.float32 and cos.dtype == torch.float32
+            and k_cache.dtype == torch.float16 and k_cache.is_contiguous() and qkv.device.type == "cpu"
+            and d % 8 == 0 and d <= MAX_HEAD_DIM and cos.shape[-1] % 2 == 0 and start < k_cache.shape[2])
 
 
 def can_attend_f16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

@@ -186,7 +186,14 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, cache_start: int = 0):
         b, t, _ = x.shape
-        qkv = self.qkv_proj(x).view(b, t, self.n_heads + 2 * self.n_kv, self.head_dim)
+        qkv = self.qkv_proj(x)
+        if cache is not None and cpu_kernels.can_decode_attend_f16(qkv, cos, cache.k, cache_start):
+            lib = cpu_kernels.library()
+            if lib is not None:  # one native call: RoPE, cache write, attention (quantized models' decode)
+                out = cpu_kernels.decode_attend_f16(lib, qkv, cos, sin, cache.k, cache.v, cache_start, mask,
+                                                    self.n_heads, self.n_kv)
+                return self.o_proj(out)
+        qkv = qkv.view(b, t, self.n_heads + 2 * self.n_kv, self.head_dim)
         # split (its backward is one concatenation; slicing would zero-fill a full-size gradient per
         # slice), then RoPE on q and k together ([B, T, H + KV, d] against cos / sin as [B, T, 1, rot])
         qk, v = qkv.split([self.n_heads + self.n_kv, self.n_kv], dim=2)

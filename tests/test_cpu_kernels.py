@@ -115,11 +115,25 @@ def test_both_backends_agree_with_dequantized_weights_and_round_trip(backend, ki
     assert all(torch.equal(stored[k], again.stored()[k]) for k in stored)
 
 
+def llama_cpp_attention(q, k, v, mask):
+    """What the fp16-cache kernel computes, as llama.cpp does over its fp16 cache: the query rounded to
+    fp16 against the fp16 keys, softmax in fp32, the weights rounded to fp16 against the fp16 values
+    (products and sums in fp32). q [B, H, 1, D], k, v fp16 [B, KV, S, D], mask [B, 1, 1, S] or None."""
+    group = q.shape[1] // k.shape[1]
+    k = k.float().repeat_interleave(group, dim=1)
+    v = v.float().repeat_interleave(group, dim=1)
+    scores = q.half().float() @ k.transpose(-1, -2) * q.shape[-1] ** -0.5  # [B, H, 1, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1).half().float() @ v
+
+
 @needs_native
 @pytest.mark.parametrize("b,h,kv,s,d", [(1, 4, 4, 37, 32), (3, 8, 2, 70, 96), (2, 6, 3, 1, 64)])
-def test_fp16_decode_attention_equals_sdpa(b, h, kv, s, d):
+def test_fp16_decode_attention_equals_its_definition(b, h, kv, s, d):
     """One query over the first s slots of an fp16 cache of 80 slots, GQA, per-row masks (padding,
-    a sliding window), against SDPA on the same fp16 values upcast."""
+    a sliding window), against `llama_cpp_attention` written with tensor ops, and within fp16
+    rounding of SDPA on the same fp16 values upcast."""
     import torch.nn.functional as F
     from phi3.layers import attention
     g = torch.Generator().manual_seed(s)
@@ -130,10 +144,11 @@ def test_fp16_decode_attention_equals_sdpa(b, h, kv, s, d):
     mask = torch.rand(b, 1, 1, s, generator=g) > 0.3
     mask[..., -1] = True  # the token itself is always visible
     assert cpu_kernels.can_attend_f16(q, k, v)
-    expected = F.scaled_dot_product_attention(q, k.float(), v.float(), attn_mask=mask, enable_gqa=h != kv)
-    torch.testing.assert_close(attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(attention(q, k, v, None), F.scaled_dot_product_attention(
-        q, k.float(), v.float(), enable_gqa=h != kv), rtol=1e-5, atol=1e-5)
+    for m in (mask, None):
+        got = attention(q, k, v, m)
+        torch.testing.assert_close(got, llama_cpp_attention(q, k, v, m), rtol=1e-5, atol=1e-5)
+        exact = F.scaled_dot_product_attention(q, k.float(), v.float(), attn_mask=m, enable_gqa=h != kv)
+        torch.testing.assert_close(got, exact, rtol=0, atol=4e-3)
 
 
 def test_quantized_models_keep_an_fp16_cache_and_decode_like_a_fresh_forward():
@@ -162,3 +177,43 @@ def test_quantized_models_keep_an_fp16_cache_and_decode_like_a_fresh_forward():
                                          frozenset())))
         seq.append(step[0])
     assert seq[len(prompt):] == out
+
+
+@needs_native
+@pytest.mark.parametrize("preset", ["phi-3-mini-4k-instruct", "phi-3-medium-4k-instruct", "phi-4-mini-instruct"])
+def test_fused_decode_attention_is_bit_identical_to_the_unfused_path(preset, monkeypatch):
+    """A quantized model's decode step runs RoPE, the fp16 cache write and attention in one native
+    call (`decode_attend_f16`); it gives exactly the unfused path's logits and cache, with GQA (medium),
+    partial rotary (phi-4-mini) and left-padded rows of different lengths (a per-row mask)."""
+    from phi3.config import ModelConfig
+    from phi3.models.phi3 import Cache, Phi3ForCausalLM
+    from phi3.quant import quantize_model
+
+    from .conftest import scaled_down
+    torch.manual_seed(0)
+    model = quantize_model(Phi3ForCausalLM(ModelConfig.from_hf_dict(scaled_down(preset, vocab=256))).eval(),
+                           bits=4, group_size=32)
+    ids = torch.randint(0, 256, (2, 30))
+    pos = torch.arange(30).expand(2, 30).clone()
+    pos[1, :4] = -1  # row 1: 4 slots of left padding
+    pos[1, 4:] -= 4
+
+    def decode(fused: bool):
+        calls = []
+        real = cpu_kernels.decode_attend_f16
+        monkeypatch.setattr(cpu_kernels, "decode_attend_f16", lambda *a: calls.append(1) or real(*a))
+        if not fused:
+            monkeypatch.setattr(cpu_kernels, "can_decode_attend_f16", lambda *a: False)
+        cache = Cache(model, 2, 40)
+        with torch.no_grad():
+            model(ids[:, :20], pos[:, :20], cache, seq_len=20)
+            logits = [model(ids[:, i:i + 1], pos[:, i:i + 1], cache, seq_len=i + 1) for i in range(20, 30)]
+        monkeypatch.undo()
+        return torch.cat(logits, 1), cache, len(calls)
+
+    fused, fused_cache, n_fused = decode(True)
+    plain, plain_cache, n_plain = decode(False)
+    assert n_fused == 10 * model.config.num_hidden_layers and n_plain == 0
+    assert torch.equal(fused, plain)
+    for a, b in zip(fused_cache.layers, plain_cache.layers):
+        assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)

@@ -279,97 +279,153 @@ ALWAYS_INLINE __m256 load_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_lo
  * at a time so that each cache line of V comes from memory once. */
 #define VBLOCK 64
 #define KAHEAD 32  /* keys ahead for software prefetch */
+#define MAX_HEAD_DIM 512
+/* One query head: o[D] = softmax(qh·khᵀ · scale over keys 0 .. S-1 with ok[s] != 0) · vh, keys and
+ * values fp16 rows of D; p: scratch of S rounded up to 8 floats, 32-byte aligned. */
+static void attend_head(const float *qf, const uint16_t *kh, const uint16_t *vh, const uint8_t *ok, int S, int D,
+                        float scale, float *o, float *p) {
+    const int S8 = (S + 7) & ~7;
+    float qh[MAX_HEAD_DIM];  /* the query rounded to fp16, as llama.cpp multiplies it with the fp16 keys */
+    for (int d = 0; d < D; d += 8)
+        _mm256_storeu_ps(qh + d, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(qf + d), _MM_FROUND_TO_NEAREST_INT)));
+    /* scores, 8 keys at a time (the last block reads key 0 again for its missing keys) */
+    for (int s0 = 0; s0 < S; s0 += 8) {
+        const uint16_t *kr[8];
+        for (int j = 0; j < 8; j++) kr[j] = kh + (size_t)(s0 + j < S ? s0 + j : 0) * D;
+        if (s0 + KAHEAD + 8 <= S) {  /* the rows KAHEAD keys ahead: 8·D fp16 = 8·2·D bytes */
+            const char *ahead = (const char *)(kh + (size_t)(s0 + KAHEAD) * D);
+            for (int l = 0; l < 16 * D; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
+        }
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        for (int d = 0; d < D; d += 8) {
+            const __m256 qd = _mm256_loadu_ps(qh + d);
+            a0 = _mm256_fmadd_ps(qd, load_f16(kr[0] + d), a0);
+            a1 = _mm256_fmadd_ps(qd, load_f16(kr[1] + d), a1);
+            a2 = _mm256_fmadd_ps(qd, load_f16(kr[2] + d), a2);
+            a3 = _mm256_fmadd_ps(qd, load_f16(kr[3] + d), a3);
+            a4 = _mm256_fmadd_ps(qd, load_f16(kr[4] + d), a4);
+            a5 = _mm256_fmadd_ps(qd, load_f16(kr[5] + d), a5);
+            a6 = _mm256_fmadd_ps(qd, load_f16(kr[6] + d), a6);
+            a7 = _mm256_fmadd_ps(qd, load_f16(kr[7] + d), a7);
+        }
+        _mm256_store_ps(p + s0, _mm256_mul_ps(hsum8_ps(a0, a1, a2, a3, a4, a5, a6, a7), _mm256_set1_ps(scale)));
+    }
+    float mx = -INFINITY;
+    for (int s = 0; s < S; s++) {
+        if (ok && !ok[s]) p[s] = -INFINITY;
+        else if (p[s] > mx) mx = p[s];
+    }
+    if (mx == -INFINITY) {  /* nothing to attend: zeros, never NaN */
+        for (int d = 0; d < D; d++) o[d] = 0.f;
+        return;
+    }
+    for (int s = S; s < S8; s++) p[s] = -INFINITY;
+    __m256 sum = _mm256_setzero_ps();
+    for (int s0 = 0; s0 < S8; s0 += 8) {
+        const __m256 e = exp_neg_ps(_mm256_sub_ps(_mm256_load_ps(p + s0), _mm256_set1_ps(mx)));
+        _mm256_store_ps(p + s0, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    const __m256 inv = _mm256_set1_ps(1.f / _mm_cvtss_f32(r));
+    for (int s0 = 0; s0 < S8; s0 += 8)  /* the weights normalised, then rounded to fp16 (as llama.cpp's V product) */
+        _mm256_store_ps(p + s0, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_mul_ps(_mm256_load_ps(p + s0), inv),
+                                                                _MM_FROUND_TO_NEAREST_INT)));
+    /* o = Σ p_s v_s: blocks of VBLOCK keys (in L1 after the first slice), slices of 32 outputs */
+    for (int d = 0; d < D; d++) o[d] = 0.f;
+    for (int s0 = 0; s0 < S; s0 += VBLOCK) {
+        const int s1 = s0 + VBLOCK < S ? s0 + VBLOCK : S;
+        int d0 = 0;
+        for (; d0 + 32 <= D; d0 += 32) {
+            __m256 o0 = _mm256_loadu_ps(o + d0), o1 = _mm256_loadu_ps(o + d0 + 8);
+            __m256 o2 = _mm256_loadu_ps(o + d0 + 16), o3 = _mm256_loadu_ps(o + d0 + 24);
+            for (int s = s0; s < s1; s++) {
+                if (d0 == 0 && s + KAHEAD < S) {  /* first slice: fetch the whole row ahead */
+                    const char *ahead = (const char *)(vh + (size_t)(s + KAHEAD) * D);
+                    for (int l = 0; l < 2 * D; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
+                }
+                if (p[s] == 0.f) continue;
+                const __m256 w = _mm256_set1_ps(p[s]);
+                const uint16_t *vs = vh + (size_t)s * D + d0;
+                o0 = _mm256_fmadd_ps(w, load_f16(vs), o0);
+                o1 = _mm256_fmadd_ps(w, load_f16(vs + 8), o1);
+                o2 = _mm256_fmadd_ps(w, load_f16(vs + 16), o2);
+                o3 = _mm256_fmadd_ps(w, load_f16(vs + 24), o3);
+            }
+            _mm256_storeu_ps(o + d0, o0);
+            _mm256_storeu_ps(o + d0 + 8, o1);
+            _mm256_storeu_ps(o + d0 + 16, o2);
+            _mm256_storeu_ps(o + d0 + 24, o3);
+        }
+        for (; d0 < D; d0 += 8) {
+            __m256 o0 = _mm256_loadu_ps(o + d0);
+            for (int s = s0; s < s1; s++)
+                if (p[s] != 0.f) o0 = _mm256_fmadd_ps(_mm256_set1_ps(p[s]), load_f16(vh + (size_t)s * D + d0), o0);
+            _mm256_storeu_ps(o + d0, o0);
+        }
+    }
+}
+
 void phi3_attend_f16(const float *q, const uint16_t *k, const uint16_t *v, const uint8_t *valid, float *out,
                      int B, int H, int KV, int L, int S, int D, float scale, int nthreads) {
     const int group = H / KV;
-    const int S8 = (S + 7) & ~7;
+    const size_t scratch = sizeof(float) * (size_t)((S + 7) & ~7) + 32;
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int bh = 0; bh < B * H; bh++) {
         const int b = bh / H, h = bh % H;
-        const float *qh = q + (size_t)bh * D;
-        const uint16_t *kh = k + ((size_t)b * KV + h / group) * L * D;
-        const uint16_t *vh = v + ((size_t)b * KV + h / group) * L * D;
-        const uint8_t *ok = valid ? valid + (size_t)b * S : NULL;
-        float *p = aligned_alloc(32, sizeof(float) * (size_t)(S8 > 0 ? S8 : 8));
-        /* scores, 8 keys at a time (the last block reads key 0 again for its missing keys) */
-        for (int s0 = 0; s0 < S; s0 += 8) {
-            const uint16_t *kr[8];
-            for (int j = 0; j < 8; j++) kr[j] = kh + (size_t)(s0 + j < S ? s0 + j : 0) * D;
-            if (s0 + KAHEAD + 8 <= S) {  /* the rows KAHEAD keys ahead: 8·D fp16 = 8·2·D bytes */
-                const char *ahead = (const char *)(kh + (size_t)(s0 + KAHEAD) * D);
-                for (int l = 0; l < 16 * D; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
-            }
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-            for (int d = 0; d < D; d += 8) {
-                const __m256 qd = _mm256_loadu_ps(qh + d);
-                a0 = _mm256_fmadd_ps(qd, load_f16(kr[0] + d), a0);
-                a1 = _mm256_fmadd_ps(qd, load_f16(kr[1] + d), a1);
-                a2 = _mm256_fmadd_ps(qd, load_f16(kr[2] + d), a2);
-                a3 = _mm256_fmadd_ps(qd, load_f16(kr[3] + d), a3);
-                a4 = _mm256_fmadd_ps(qd, load_f16(kr[4] + d), a4);
-                a5 = _mm256_fmadd_ps(qd, load_f16(kr[5] + d), a5);
-                a6 = _mm256_fmadd_ps(qd, load_f16(kr[6] + d), a6);
-                a7 = _mm256_fmadd_ps(qd, load_f16(kr[7] + d), a7);
-            }
-            _mm256_store_ps(p + s0, _mm256_mul_ps(hsum8_ps(a0, a1, a2, a3, a4, a5, a6, a7), _mm256_set1_ps(scale)));
+        float *p = aligned_alloc(32, scratch & ~(size_t)31);
+        attend_head(q + (size_t)bh * D, k + ((size_t)b * KV + h / group) * L * D, v + ((size_t)b * KV + h / group) * L * D,
+                    valid ? valid + (size_t)b * S : NULL, S, D, scale, out + (size_t)bh * D, p);
+        free(p);
+    }
+}
+
+/* HF rotate-half RoPE of one head x[D] into y[D]: the first `rot` channels rotated by cos / sin
+ * (whose two halves repeat), the rest copied. Products rounded before the sum (no fused
+ * multiply-add), as PyTorch's elementwise ops do: the same bits as the unfused path. */
+__attribute__((optimize("fp-contract=off")))
+static void rope_head(const float *x, const float *cos, const float *sin, int rot, int D, float *y) {
+    const int half = rot / 2;
+    for (int i = 0; i < half; i++) {
+        y[i] = x[i] * cos[i] - x[i + half] * sin[i];
+        y[i + half] = x[i + half] * cos[i + half] + x[i] * sin[i + half];
+    }
+    for (int i = rot; i < D; i++) y[i] = x[i];
+}
+
+static void store_f16(const float *x, int D, uint16_t *dst) {
+    for (int d = 0; d < D; d += 8)
+        _mm_storeu_si128((__m128i *)(dst + d), _mm256_cvtps_ph(_mm256_loadu_ps(x + d), _MM_FROUND_TO_NEAREST_INT));
+}
+
+/* One decode step of attention for B rows, straight from the fused projection: qkv fp32 [B, (H + 2·KV)·D]
+ * ([Q | K | V] heads); cos, sin fp32 [B, rot] for each row's new position. The new key (rotated) and
+ * value go into slot `start` of the fp16 caches k, v [B, KV, L, D]; each query head (rotated) then
+ * attends over slots 0 .. start with `valid` uint8 [B, start + 1] or NULL; out fp32 [B, H·D].
+ * Replaces ~25 small tensor operations per layer (split, RoPE, transposes, cache writes, casts). */
+void phi3_decode_attend_f16(const float *qkv, const float *cos, const float *sin, uint16_t *k, uint16_t *v,
+                            const uint8_t *valid, float *out, int B, int H, int KV, int L, int start, int D, int rot,
+                            float scale, int nthreads) {
+    const int W = (H + 2 * KV) * D, S = start + 1, group = H / KV;
+    float tmp[MAX_HEAD_DIM];
+    for (int b = 0; b < B; b++)
+        for (int j = 0; j < KV; j++) {
+            const size_t slot = (((size_t)b * KV + j) * L + start) * D;
+            rope_head(qkv + (size_t)b * W + (size_t)(H + j) * D, cos + (size_t)b * rot, sin + (size_t)b * rot, rot, D, tmp);
+            store_f16(tmp, D, k + slot);
+            store_f16(qkv + (size_t)b * W + (size_t)(H + KV + j) * D, D, v + slot);
         }
-        float mx = -INFINITY;
-        for (int s = 0; s < S; s++) {
-            if (ok && !ok[s]) p[s] = -INFINITY;
-            else if (p[s] > mx) mx = p[s];
-        }
-        float *o = out + (size_t)bh * D;
-        if (mx == -INFINITY) {  /* nothing to attend: zeros, never NaN */
-            for (int d = 0; d < D; d++) o[d] = 0.f;
-            free(p);
-            continue;
-        }
-        for (int s = S; s < S8; s++) p[s] = -INFINITY;
-        __m256 sum = _mm256_setzero_ps();
-        for (int s0 = 0; s0 < S8; s0 += 8) {
-            const __m256 e = exp_neg_ps(_mm256_sub_ps(_mm256_load_ps(p + s0), _mm256_set1_ps(mx)));
-            _mm256_store_ps(p + s0, e);
-            sum = _mm256_add_ps(sum, e);
-        }
-        __m128 r = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-        r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-        r = _mm_add_ss(r, _mm_movehdup_ps(r));
-        const float inv = 1.f / _mm_cvtss_f32(r);
-        /* o = Σ p_s v_s: blocks of VBLOCK keys (in L1 after the first slice), slices of 32 outputs */
-        for (int d = 0; d < D; d++) o[d] = 0.f;
-        for (int s0 = 0; s0 < S; s0 += VBLOCK) {
-            const int s1 = s0 + VBLOCK < S ? s0 + VBLOCK : S;
-            int d0 = 0;
-            for (; d0 + 32 <= D; d0 += 32) {
-                __m256 o0 = _mm256_loadu_ps(o + d0), o1 = _mm256_loadu_ps(o + d0 + 8);
-                __m256 o2 = _mm256_loadu_ps(o + d0 + 16), o3 = _mm256_loadu_ps(o + d0 + 24);
-                for (int s = s0; s < s1; s++) {
-                    if (d0 == 0 && s + KAHEAD < S) {  /* first slice: fetch the whole row ahead */
-                        const char *ahead = (const char *)(vh + (size_t)(s + KAHEAD) * D);
-                        for (int l = 0; l < 2 * D; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
-                    }
-                    if (p[s] == 0.f) continue;
-                    const __m256 w = _mm256_set1_ps(p[s]);
-                    const uint16_t *vs = vh + (size_t)s * D + d0;
-                    o0 = _mm256_fmadd_ps(w, load_f16(vs), o0);
-                    o1 = _mm256_fmadd_ps(w, load_f16(vs + 8), o1);
-                    o2 = _mm256_fmadd_ps(w, load_f16(vs + 16), o2);
-                    o3 = _mm256_fmadd_ps(w, load_f16(vs + 24), o3);
-                }
-                _mm256_storeu_ps(o + d0, o0);
-                _mm256_storeu_ps(o + d0 + 8, o1);
-                _mm256_storeu_ps(o + d0 + 16, o2);
-                _mm256_storeu_ps(o + d0 + 24, o3);
-            }
-            for (; d0 < D; d0 += 8) {
-                __m256 o0 = _mm256_loadu_ps(o + d0);
-                for (int s = s0; s < s1; s++)
-                    if (p[s] != 0.f) o0 = _mm256_fmadd_ps(_mm256_set1_ps(p[s]), load_f16(vh + (size_t)s * D + d0), o0);
-                _mm256_storeu_ps(o + d0, o0);
-            }
-        }
-        const __m256 iv = _mm256_set1_ps(inv);
-        for (int d = 0; d < D; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(o + d), iv));
+    const size_t scratch = sizeof(float) * (size_t)((S + 7) & ~7) + 32;
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int bh = 0; bh < B * H; bh++) {
+        const int b = bh / H, h = bh % H;
+        float qr[MAX_HEAD_DIM];
+        float *p = aligned_alloc(32, scratch & ~(size_t)31);
+        rope_head(qkv + (size_t)b * W + (size_t)h * D, cos + (size_t)b * rot, sin + (size_t)b * rot, rot, D, qr);
+        attend_head(qr, k + ((size_t)b * KV + h / group) * L * D, v + ((size_t)b * KV + h / group) * L * D,
+                    valid ? valid + (size_t)b * S : NULL, S, D, scale, out + (size_t)bh * D, p);
         free(p);
     }
 }
