@@ -92,7 +92,7 @@ def _load() -> ctypes.CDLL | None:
     if not lib.phi3_cpu_ok():
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
-    lib.phi3_int4_matmul.argtypes = [p, i, i, p, i, i, p, i, i]
+    lib.phi3_int4_matmul.argtypes = [p, i, i, p, i, i, p, i, i, i]
     lib.phi3_int4_matmul.restype = None
     lib.phi3_int8_matmul.argtypes = [p, i, i, p, i, i, p, p, i]
     lib.phi3_int8_matmul.restype = None
@@ -158,38 +158,57 @@ def _fp16_by_row(b: torch.Tensor, n: int) -> torch.Tensor:
 
 # ---- int4 -------------------------------------------------------------------------------------
 
-def pack_int4(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int) -> torch.Tensor:
+def is_q4_0(scales: torch.Tensor, mins: torch.Tensor) -> bool:
+    """Whether every min is −8·scale (GGUF's Q4_0): the weights then take the scale-only layout."""
+    return torch.equal(mins.to(torch.float16), (-8 * scales.float()).to(torch.float16))
+
+
+def _int4_head(symmetric: bool) -> int:
+    return 16 if symmetric else 32  # bytes of fp16 scales (and mins) per block of 8 rows and group
+
+
+def pack_int4(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, group_size: int) -> torch.Tensor:
     """q [n, k] in 0..15 (any int dtype), scales/mins fp16 [n, k/group] -> uint8 [n8/8, groups, 32 + 4·group]
-    with n8 = n rounded up to 8 (padding rows are zero)."""
+    with n8 = n rounded up to 8 (padding rows are zero). mins None: the scale-only layout
+    [n8/8, groups, 16 + 4·group] for min = −8·scale (Q4_0)."""
     n, k = q.shape
     rows, groups = _padded(n), k // group_size
     q = _pad_rows(q.to(torch.uint8), rows)
     qv = q.view(rows // ROWS, ROWS, groups, group_size // 8, 2, 4)  # [rb, i, g, c, h, b]: k = g·G + 8c + 4h + b
     qv = qv.permute(0, 2, 3, 1, 5, 4)  # [rb, g, c, i, b, h]
     nibbles = (qv[..., 0] | (qv[..., 1] << 4)).reshape(rows // ROWS, groups, 4 * group_size)
+    head = [_fp16_by_block(scales, rows)] + ([] if mins is None else [_fp16_by_block(mins, rows)])
+    return torch.cat((*head, nibbles), dim=-1)
 
-    return torch.cat((_fp16_by_block(scales, rows), _fp16_by_block(mins, rows), nibbles), dim=-1)
 
-
-def pack_int4_nibbles(lib, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+def pack_int4_nibbles(lib, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
                       group_size: int) -> torch.Tensor:
     """`pack_int4` done by the C library straight from the file layout: qweight uint8 [n, k/2]
-    (low nibble = even column), scales/mins fp16 [n, k/group]."""
+    (low nibble = even column), scales/mins fp16 [n, k/group] (mins None: scale-only layout)."""
     n, k = qweight.shape[0], qweight.shape[1] * 2
     qweight = qweight.contiguous()
-    scales, mins = scales.to(torch.float16).contiguous(), mins.to(torch.float16).contiguous()
-    out = torch.empty(_padded(n) // ROWS, k // group_size, 32 + 4 * group_size, dtype=torch.uint8)
-    lib.phi3_pack_int4(qweight.data_ptr(), scales.data_ptr(), mins.data_ptr(), n, k, group_size,
-                       out.data_ptr(), torch.get_num_threads())
+    scales = scales.to(torch.float16).contiguous()
+    mins = None if mins is None else mins.to(torch.float16).contiguous()
+    out = torch.empty(_padded(n) // ROWS, k // group_size, _int4_head(mins is None) + 4 * group_size,
+                      dtype=torch.uint8)
+    lib.phi3_pack_int4(qweight.data_ptr(), scales.data_ptr(), None if mins is None else mins.data_ptr(), n, k,
+                       group_size, out.data_ptr(), torch.get_num_threads())
     return out
 
 
-def unpack_int4(packed: torch.Tensor, n: int, k: int, group_size: int):
-    """The inverse of `pack_int4`: q uint8 [n, k] in 0..15, scales, mins fp16 [n, k/group]."""
-    rb, groups = packed.shape[0], k // group_size
+def int4_is_symmetric(packed: torch.Tensor, group_size: int) -> bool:
+    """Whether `packed` has the scale-only layout (told apart by its size)."""
+    return packed.shape[-1] == _int4_head(True) + 4 * group_size
 
-    scales, mins = _fp16_by_row(packed[..., :16], n), _fp16_by_row(packed[..., 16:32], n)
-    nib = packed[..., 32:].reshape(rb, groups, group_size // 8, ROWS, 4)  # [rb, g, c, i, b]
+
+def unpack_int4(packed: torch.Tensor, n: int, k: int, group_size: int):
+    """The inverse of `pack_int4`: q uint8 [n, k] in 0..15, scales, mins fp16 [n, k/group] (the
+    scale-only layout gives mins = −8·scale)."""
+    rb, groups = packed.shape[0], k // group_size
+    head = _int4_head(int4_is_symmetric(packed, group_size))
+    scales = _fp16_by_row(packed[..., :16], n)
+    mins = (-8 * scales.float()).half() if head == 16 else _fp16_by_row(packed[..., 16:32], n)
+    nib = packed[..., head:].reshape(rb, groups, group_size // 8, ROWS, 4)  # [rb, g, c, i, b]
     q = torch.stack((nib & 0x0F, nib >> 4), dim=-1)  # [rb, g, c, i, b, h]
     q = q.permute(0, 3, 1, 2, 5, 4).reshape(rb * ROWS, k)[:n]  # [rb, i, g, c, h, b]
     return q, scales, mins
@@ -202,7 +221,7 @@ def int4_matmul(lib, x: torch.Tensor, packed: torch.Tensor, n: int, group_size: 
     rows = packed.shape[0] * ROWS
     y = torch.empty(m, rows)
     lib.phi3_int4_matmul(x.data_ptr(), m, k, packed.data_ptr(), rows, group_size, y.data_ptr(),
-                         torch.get_num_threads(), activation_levels(k))
+                         torch.get_num_threads(), activation_levels(k), int4_is_symmetric(packed, group_size))
     return y if rows == n else y[:, :n]
 
 

@@ -247,8 +247,10 @@ class Int4Linear(nn.Module):
         scales, mins = scales.to(torch.float16), mins.to(torch.float16)  # [out, in/group]
         self._lib = cpu_kernels.library()
         if self._lib is not None:
-            packed = cpu_kernels.pack_int4_nibbles(self._lib, qweight, scales, mins, group_size)
-            # [out/8, groups, 32 + 4·group] bytes
+            # Q4_0 weights (min = −8·scale) take the scale-only layout: 4.5 instead of 5 bits a weight
+            symmetric = cpu_kernels.is_q4_0(scales, mins)
+            packed = cpu_kernels.pack_int4_nibbles(self._lib, qweight, scales, None if symmetric else mins, group_size)
+            # [out/8, groups, 32 (16 scale-only) + 4·group] bytes
             self.register_buffer("packed", packed, persistent=False)
             self._qweight = self._scales = self._mins = None
             return

@@ -47,12 +47,19 @@ def test_int4_kernel_equals_emulation(n, k, group, m, levels, monkeypatch):
     scales = torch.rand(n, k // group, generator=g).half()
     mins = torch.randn(n, k // group, generator=g).half() if n % 2 else (-8 * scales.float()).half()  # Q4_0
     x = torch.randn(m, k, generator=g) * (1 + 20 * (torch.rand(m, k, generator=g) > 0.98))  # outliers
-    packed = cpu_kernels.pack_int4(q, scales, mins, group)
-    assert packed.shape == (-(-n // 8), k // group, 32 + 4 * group)
+    q4_0 = cpu_kernels.is_q4_0(scales, mins)
+    assert q4_0 == (n % 2 == 0)
+    packed = cpu_kernels.pack_int4(q, scales, None if q4_0 else mins, group)  # Q4_0: the scale-only layout
+    assert packed.shape == (-(-n // 8), k // group, (16 if q4_0 else 32) + 4 * group)
     from phi3.quant import pack_nibbles
-    assert torch.equal(cpu_kernels.pack_int4_nibbles(lib, pack_nibbles(q), scales, mins, group), packed)
+    assert torch.equal(cpu_kernels.pack_int4_nibbles(lib, pack_nibbles(q), scales, None if q4_0 else mins, group),
+                       packed)
     q2, s2, m2 = cpu_kernels.unpack_int4(packed, n, k, group)
     assert torch.equal(q2.long(), q) and torch.equal(s2, scales) and torch.equal(m2, mins)
+    if q4_0:  # the scale-only layout computes exactly what the general one does with the mins spelled out
+        general = cpu_kernels.pack_int4(q, scales, mins, group)
+        assert torch.equal(cpu_kernels.int4_matmul(lib, x, packed, n, group),
+                           cpu_kernels.int4_matmul(lib, x, general, n, group))
 
     w = q.double().view(n, k // group, group) * scales.double()[..., None] + mins.double()[..., None]
     expected = quantized_activations(x, group, levels) @ w.view(n, k).T

@@ -11,6 +11,7 @@
  * int4 layout, per block of 8 rows (rb) and group g of G inputs, 32 + 4·G bytes:
  *   fp16 scale[8], fp16 min[8], then G/8 chunks of 32 bytes; chunk c holds 4 bytes per row i at
  *   4·i, byte b = q[k0 + b] | q[k0 + 4 + b] << 4 with k0 = g·G + 8·c and w = q·scale + min.
+ *   Scale-only variant (Q4_0, min = −8·scale): 16 + 4·G bytes, the mins left out.
  * int8 layout, per (rb, g), [16 bytes of fp16 scale[8] when grouped] + 8·G bytes:
  *   G/4 chunks of 32 bytes, 4 bytes per row i at 4·i holding w[k0 .. k0 + 3], k0 = g·G + 4·c.
  *   Per-channel int8 keeps fp32 row scales apart and applies them at the end.
@@ -74,17 +75,18 @@ ALWAYS_INLINE __m256i bcast4(const int8_t *p) {
  * rounding level of the activations is accumulated beside the first: x ≈ d · (q + q2 / RESIDUAL) */
 ALWAYS_INLINE void int4_block(const uint8_t *W, int ng, int G, const int8_t *qx, const int8_t *qx2,
                               const float *dx, const float *sx, int K, int m0, float *y, int ldy, int rb,
-                              const int MT, const int LEVELS) {
+                              const int MT, const int LEVELS, const int SYM) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     const __m256 inv_res = _mm256_set1_ps(1.f / RESIDUAL);
-    const size_t gbytes = 32 + 4 * (size_t)G;
+    const size_t head = SYM ? 16 : 32, gbytes = head + 4 * (size_t)G;
     __m256 acc[4];
     for (int t = 0; t < MT; t++) acc[t] = _mm256_setzero_ps();
     const uint8_t *p = W + (size_t)rb * ng * gbytes;
     for (int g = 0; g < ng; g++, p += gbytes) {
         const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-        const __m256 mins = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16)));
-        const uint8_t *wq = p + 32;
+        const __m256 mins = SYM ? _mm256_mul_ps(scale, _mm256_set1_ps(-8.f))  /* Q4_0: min = −8·scale, exactly */
+                                : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16)));
+        const uint8_t *wq = p + head;
         for (size_t off = 0; off < gbytes; off += 64) _mm_prefetch((const char *)(p + PREFETCH + off), _MM_HINT_T0);
         __m256i isum[4], isum2[4];
         for (int t = 0; t < MT; t++) isum[t] = isum2[t] = _mm256_setzero_si256();
@@ -123,27 +125,34 @@ ALWAYS_INLINE void int4_block(const uint8_t *W, int ng, int G, const int8_t *qx,
     for (int t = 0; t < MT; t++) _mm256_storeu_ps(y + (size_t)(m0 + t) * ldy + 8 * (size_t)rb, acc[t]);
 }
 
-/* x fp32 [M, K] · W (int4 layout above, N a multiple of 8) -> y fp32 [M, N] */
+ALWAYS_INLINE void int4_rows(const uint8_t *W, int ng, int G, const int8_t *qx, const int8_t *qx2,
+                             const float *dx, const float *sx, int M, int K, float *y, int N, int rb, const int SYM) {
+    int m0 = 0;
+    if (qx2) {
+        for (; m0 + 2 <= M; m0 += 2) int4_block(W, ng, G, qx, qx2, dx, sx, K, m0, y, N, rb, 2, 2, SYM);
+        if (m0 < M) int4_block(W, ng, G, qx, qx2, dx, sx, K, m0, y, N, rb, 1, 2, SYM);
+        return;
+    }
+    for (; m0 + 4 <= M; m0 += 4) int4_block(W, ng, G, qx, NULL, dx, sx, K, m0, y, N, rb, 4, 1, SYM);
+    switch (M - m0) {
+        case 3: int4_block(W, ng, G, qx, NULL, dx, sx, K, m0, y, N, rb, 3, 1, SYM); break;
+        case 2: int4_block(W, ng, G, qx, NULL, dx, sx, K, m0, y, N, rb, 2, 1, SYM); break;
+        case 1: int4_block(W, ng, G, qx, NULL, dx, sx, K, m0, y, N, rb, 1, 1, SYM); break;
+    }
+}
+
+/* x fp32 [M, K] · W (int4 layout above, N a multiple of 8) -> y fp32 [M, N]; `symmetric`: the
+ * scale-only layout (16 + 4·G bytes per block and group, min = −8·scale: GGUF's Q4_0) */
 void phi3_int4_matmul(const float *x, int M, int K, const uint8_t *W, int N, int G, float *y, int nthreads,
-                      int levels) {
+                      int levels, int symmetric) {
     int ng = K / G, nrb = N / 8;
     int8_t *qx = malloc((size_t)M * K * (levels == 2 ? 2 : 1)), *qx2 = levels == 2 ? qx + (size_t)M * K : NULL;
     float *dx = malloc(sizeof(float) * (size_t)M * ng * 2), *sx = dx + (size_t)M * ng;
     quantize_rows(x, M, K, G, qx, qx2, dx, sx);
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int rb = 0; rb < nrb; rb++) {
-        int m0 = 0;
-        if (qx2) {
-            for (; m0 + 2 <= M; m0 += 2) int4_block(W, ng, G, qx, qx2, dx, sx, K, m0, y, N, rb, 2, 2);
-            if (m0 < M) int4_block(W, ng, G, qx, qx2, dx, sx, K, m0, y, N, rb, 1, 2);
-            continue;
-        }
-        for (; m0 + 4 <= M; m0 += 4) int4_block(W, ng, G, qx, NULL, dx, sx, K, m0, y, N, rb, 4, 1);
-        switch (M - m0) {
-            case 3: int4_block(W, ng, G, qx, NULL, dx, sx, K, m0, y, N, rb, 3, 1); break;
-            case 2: int4_block(W, ng, G, qx, NULL, dx, sx, K, m0, y, N, rb, 2, 1); break;
-            case 1: int4_block(W, ng, G, qx, NULL, dx, sx, K, m0, y, N, rb, 1, 1); break;
-        }
+        if (symmetric) int4_rows(W, ng, G, qx, qx2, dx, sx, M, K, y, N, rb, 1);
+        else int4_rows(W, ng, G, qx, qx2, dx, sx, M, K, y, N, rb, 0);
     }
     free(qx);
     free(dx);
@@ -208,11 +217,12 @@ void phi3_int8_matmul(const float *x, int M, int K, const uint8_t *W, int N, int
 }
 
 /* The int4 layout above from the portable one: qw uint8 [N, K/2] (low nibble = even column),
- * scales / mins fp16 [N, K/G]; out gets ceil(N/8)·(K/G)·(32 + 4·G) bytes, padding rows zero. */
+ * scales / mins fp16 [N, K/G]; out gets ceil(N/8)·(K/G)·(32 + 4·G) bytes, padding rows zero.
+ * mins NULL: the scale-only layout (16 + 4·G bytes; the caller has checked min = −8·scale). */
 void phi3_pack_int4(const uint8_t *qw, const uint16_t *scales, const uint16_t *mins, int N, int K, int G,
                     uint8_t *out, int nthreads) {
     const int ng = K / G, nrb = (N + 7) / 8;
-    const size_t gbytes = 32 + 4 * (size_t)G, row = (size_t)K / 2;
+    const size_t head = mins ? 32 : 16, gbytes = head + 4 * (size_t)G, row = (size_t)K / 2;
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int rb = 0; rb < nrb; rb++) {
         for (int g = 0; g < ng; g++) {
@@ -221,13 +231,13 @@ void phi3_pack_int4(const uint8_t *qw, const uint16_t *scales, const uint16_t *m
             for (int i = 0; i < 8; i++) {
                 const int n = rb * 8 + i;
                 sm[i] = n < N ? scales[(size_t)n * ng + g] : 0;
-                sm[8 + i] = n < N ? mins[(size_t)n * ng + g] : 0;
+                sm[8 + i] = n < N && mins ? mins[(size_t)n * ng + g] : 0;
             }
-            memcpy(o, sm, 32);
+            memcpy(o, sm, head);
             for (int c = 0; c < G / 8; c++) {
                 for (int i = 0; i < 8; i++) {
                     const int n = rb * 8 + i;
-                    uint8_t *dst = o + 32 + 32 * c + 4 * i;
+                    uint8_t *dst = o + head + 32 * c + 4 * i;
                     if (n >= N) { memset(dst, 0, 4); continue; }
                     /* 8 inputs k0 .. k0 + 7 are 4 source bytes: (k0, k0+1), (k0+2, k0+3), ... */
                     const uint8_t *src = qw + (size_t)n * row + ((size_t)g * G + 8 * c) / 2;
