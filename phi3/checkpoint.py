@@ -126,7 +126,6 @@ def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: to
     return model.eval()
 
 
-
 # ---- reading safetensors ----------------------------------------------------------------------
 def safetensors_files(path: Path) -> list[Path]:
     index = path / INDEX_NAME

@@ -657,16 +657,24 @@ def native_int8(t: GGUFTensor) -> dict[str, torch.Tensor]:
     return {"qweight": q, "scales": d.clone()}
 
 
+def native_parts(t: GGUFTensor) -> tuple[int, dict[str, torch.Tensor]] | None:
+    """(bits, stored parts) of a tensor whose blocks load without a change of value: Q4_0/Q4_1 as
+    int4, Q8_0 as grouped int8; None for any other type."""
+    if t.qtype in NATIVE_INT4:
+        return 4, native_int4(t)
+    if t.qtype == "Q8_0":
+        return 8, native_int8(t)
+    return None
+
+
 def quantized_linear_parts(t: GGUFTensor) -> tuple[int, dict[str, torch.Tensor]] | None:
     """(bits, stored parts) for a quantized linear weight, None for one that stays dense."""
     from .quant import pack_nibbles, quantize_int4, quantize_int8_rows
 
     if len(t.shape) != 2:
         return None
-    if t.qtype in NATIVE_INT4:
-        return 4, native_int4(t)
-    if t.qtype == "Q8_0":
-        return 8, native_int8(t)
+    if t.qtype in NATIVE_INT4 or t.qtype == "Q8_0":
+        return native_parts(t)
     if t.qtype in REQUANT_INT4:
         def int4(w):
             q, scales, mins = quantize_int4(w, GROUP)
@@ -674,16 +682,6 @@ def quantized_linear_parts(t: GGUFTensor) -> tuple[int, dict[str, torch.Tensor]]
         return 4, _requantized(t, int4)
     if t.qtype in REQUANT_INT8:
         return 8, _requantized(t, lambda w: dict(zip(("qweight", "scales"), quantize_int8_rows(w))))
-    return None
-
-
-def quantized_embedding_parts(t: GGUFTensor) -> tuple[int, dict[str, torch.Tensor]] | None:
-    """(bits, stored parts) of a token embedding kept in its file's quantization (Q4_0/Q4_1 as int4,
-    Q8_0 as grouped int8, bit-exact), None for one that is dequantized."""
-    if t.qtype in NATIVE_INT4:
-        return 4, native_int4(t)
-    if t.qtype == "Q8_0":
-        return 8, native_int8(t)
     return None
 
 
@@ -730,7 +728,7 @@ def gguf_quantized_state_dict(f: GGUFFile, dtype: torch.dtype = torch.float32) -
             continue
         t = f.tensors[gguf_name]
         if hf_name == "model.embed_tokens.weight":
-            parts = quantized_embedding_parts(t) if untied else None
+            parts = native_parts(t) if untied else None
         else:
             parts = quantized_linear_parts(t)
         if parts is None:

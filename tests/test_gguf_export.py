@@ -12,7 +12,7 @@ from phi3.generate import SamplingParams, generate_tokens
 from phi3.checkpoint import build_model
 from phi3.config import ModelConfig
 from phi3.errors import Phi3Error
-from phi3.gguf import (GGUFTensor, dequantize, gguf_to_hf_config, native_int4, native_int8, quantized_embedding_parts,
+from phi3.gguf import (GGUFTensor, dequantize, gguf_to_hf_config, native_int4, native_int8, native_parts,
                        quantized_linear_parts, read_gguf)
 from phi3.gguf_export import permute_rows, quantize_q4_0, quantize_q8_0, write_gguf
 from phi3.models.phi3 import Phi3ForCausalLM
@@ -64,7 +64,7 @@ def test_native_parts_are_exactly_the_gguf_values(qtype):
 @pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0])
 def test_quantized_embedding_rows_are_exactly_the_gguf_values(qtype):
     t = _tensor(qtype, torch.randn(50, 128))
-    bits, parts = quantized_embedding_parts(t)
+    bits, parts = native_parts(t)
     table = (Int8Embedding if bits == 8 else Int4Embedding).from_stored(parts, dtype=torch.float32)
     ids = torch.tensor([[3, 49, 0], [7, 7, 12]])
     assert torch.equal(table(ids), torch.nn.functional.embedding(ids, dequantize(t)))
