@@ -103,6 +103,8 @@ def _load() -> ctypes.CDLL | None:
     lib.phi3_attend_f16.restype = None
     lib.phi3_decode_attend_f16.argtypes = [p, p, p, p, p, p, p, i, i, i, i, i, i, i, f, i]
     lib.phi3_decode_attend_f16.restype = None
+    lib.phi3_ggml_q4_nibbles.argtypes = [p, ctypes.c_long, i, i, p, i]
+    lib.phi3_ggml_q4_nibbles.restype = None
     return lib
 
 
@@ -199,6 +201,15 @@ def pack_int4_nibbles(lib, qweight: torch.Tensor, scales: torch.Tensor, mins: to
 def int4_is_symmetric(packed: torch.Tensor, group_size: int) -> bool:
     """Whether `packed` has the scale-only layout (told apart by its size)."""
     return packed.shape[-1] == _int4_head(True) + 4 * group_size
+
+
+def ggml_q4_nibbles(lib, blocks: torch.Tensor, qs_offset: int) -> torch.Tensor:
+    """GGUF Q4_0 / Q4_1 blocks uint8 [rows, blocks, bytes] (contiguous) -> qweight uint8 [rows, 16·blocks]
+    in the portable layout (low nibble = even column)."""
+    rows, nb, size = blocks.shape
+    out = torch.empty(rows, 16 * nb, dtype=torch.uint8)
+    lib.phi3_ggml_q4_nibbles(blocks.data_ptr(), rows * nb, size, qs_offset, out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def unpack_int4(packed: torch.Tensor, n: int, k: int, group_size: int):

@@ -46,9 +46,18 @@ def _tensor(qtype: QT, w: torch.Tensor) -> GGUFTensor:
     return GGUFTensor("blk.0.ffn_down.weight", qtype.name, tuple(w.shape), gguf.quants.quantize(w.numpy(), qtype))
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["C", "torch"])
 @pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0])
-def test_native_parts_are_exactly_the_gguf_values(qtype):
+def test_native_parts_are_exactly_the_gguf_values(qtype, native, monkeypatch):
+    from phi3 import cpu_kernels
+    if native and cpu_kernels.library() is None:
+        pytest.skip("no native kernels on this machine")
     t = _tensor(qtype, torch.randn(64, 256))
+    if not native:  # the nibble shuffle through tensor ops (the C one where the library runs)
+        bits, parts = native_parts(t)
+        monkeypatch.setattr(cpu_kernels, "library", lambda: None)
+        assert all(torch.equal(a, b) for a, b in zip(parts.values(), native_parts(t)[1].values()))
+        return
     if qtype == QT.Q8_0:
         layer = Int8Linear.from_stored(native_int8(t))
         assert layer.group_size == 32

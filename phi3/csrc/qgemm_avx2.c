@@ -449,3 +449,16 @@ void phi3_decode_attend_f16(const float *qkv, const float *cos, const float *sin
         free(p);
     }
 }
+
+/* GGUF Q4_0 / Q4_1 blocks -> the portable int4 layout (low nibble = even column). Each block of
+ * `bsize` bytes holds 32 weights in 16 bytes at `qs_off` (byte j: w_j in the low nibble, w_{j+16}
+ * in the high one); out gets 16 bytes per block, byte i = w_{2i} | w_{2i+1} << 4. */
+void phi3_ggml_q4_nibbles(const uint8_t *blocks, long nblocks, int bsize, int qs_off, uint8_t *out, int nthreads) {
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (long b = 0; b < nblocks; b++) {
+        const uint8_t *qs = blocks + (size_t)b * bsize + qs_off;
+        uint8_t w[32], *o = out + (size_t)b * 16;
+        for (int j = 0; j < 16; j++) { w[j] = qs[j] & 15; w[j + 16] = qs[j] >> 4; }
+        for (int i = 0; i < 16; i++) o[i] = (uint8_t)(w[2 * i] | (w[2 * i + 1] << 4));
+    }
+}
