@@ -700,8 +700,6 @@ def _requantized(t: GGUFTensor, quantize_rows) -> dict[str, torch.Tensor]:
     """Dequantize `t` a block of rows at a time and quantize each block with `quantize_rows` (fp32
     [rows, cols] -> stored parts, row-wise); the parts of all blocks concatenated. The whole tensor is
     never held in fp32 (the 32064-row head of phi-3-mini would be 394 MB)."""
-    if t.qtype not in BLOCK_LAYOUT:
-        dequantize(t)  # raises the clear error naming the tensor and its type
     blocks, rows, cols = _block_fields(t)
     size = blocks.shape[-1]
     pieces = []

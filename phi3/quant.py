@@ -338,7 +338,18 @@ def _by_rows(pack_rows, n: int, step: int = 1024) -> torch.Tensor:
     return out
 
 
-class Int8Embedding(nn.Module):
+class _QuantizedEmbedding(nn.Module):
+    """A table whose rows are dequantized as they are looked up; subclasses give `_rows(ids)` -> fp32
+    [len(ids), hidden] and set `num_embeddings`, `embedding_dim` and the returned `dtype`."""
+
+    def dequantize(self) -> torch.Tensor:
+        return self._rows(torch.arange(self.num_embeddings))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._rows(ids.reshape(-1)).view(*ids.shape, self.embedding_dim).to(self.dtype)
+
+
+class Int8Embedding(_QuantizedEmbedding):
     """Embedding table in int8, one scale per row (`scales` fp32 [vocab]) or per group of inputs
     (`scales` fp16 [vocab, hidden/group]: GGUF's Q8_0); rows are dequantized as they are looked up."""
 
@@ -371,14 +382,9 @@ class Int8Embedding(nn.Module):
             return q * s[:, None]
         return (q.view(len(ids), s.shape[1], -1) * s[..., None]).view(len(ids), self.embedding_dim)
 
-    def dequantize(self) -> torch.Tensor:
-        return self._rows(torch.arange(self.num_embeddings))
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self._rows(ids.reshape(-1)).view(*ids.shape, self.embedding_dim).to(self.dtype)
 
 
-class Int4Embedding(nn.Module):
+class Int4Embedding(_QuantizedEmbedding):
     """Embedding table in group-wise int4 with the int4 linear's file layout (w = q·s + m per group):
     GGUF's Q4_0/Q4_1 token embeddings load into it unchanged; rows are dequantized as they are looked up."""
 
@@ -413,11 +419,6 @@ class Int4Embedding(nn.Module):
         w = q * self.scales[ids].float()[..., None] + self.mins[ids].float()[..., None]
         return w.view(len(ids), self.embedding_dim)
 
-    def dequantize(self) -> torch.Tensor:
-        return self._rows(torch.arange(self.num_embeddings))
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self._rows(ids.reshape(-1)).view(*ids.shape, self.embedding_dim).to(self.dtype)
 
 
 QUANTIZED = (Int8Linear, Int4Linear, Int8Embedding, Int4Embedding)
@@ -504,7 +505,7 @@ def load_quantized_modules(model: nn.Module, qcfg: dict, tensors: dict[str, torc
             if full not in tensors:
                 raise CheckpointError(f"{source}: missing tensor {full} (quantized {bits}-bit module {name})")
             parts[key] = tensors.pop(full)
-        if cls not in (Int8Embedding, Int4Embedding) and f"{name}.bias" in tensors:  # a biased linear keeps its bias as is
+        if not issubclass(cls, _QuantizedEmbedding) and f"{name}.bias" in tensors:  # a biased linear keeps its bias as is
             parts["bias"] = tensors.pop(f"{name}.bias")
         _set_module(model, name, cls.from_stored(parts, group, dtype))
         del parts
