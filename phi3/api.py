@@ -75,11 +75,12 @@ def is_gguf_file(path: Path) -> bool:
 
 def load_gguf_model(path: Path, dtype=None, dequantize: bool = False) -> tuple[Phi3ForCausalLM, Tokenizer]:
     """A GGUF model. Quantized linear weights stay quantized (see `phi3.gguf`) unless `dequantize`."""
-    from .gguf import gguf_quantized_state_dict, gguf_state_dict, gguf_to_hf_config, read_gguf
+    from .gguf import dense_parameters, gguf_quantized_state_dict, gguf_state_dict, gguf_to_hf_config, read_gguf
 
     f = read_gguf(path)
     hf = gguf_to_hf_config(f)
-    dt = default_dtype(ModelConfig.from_hf_dict(hf, source=str(path)), dtype)
+    dt = default_dtype(ModelConfig.from_hf_dict(hf, source=str(path)), dtype,
+                       None if dequantize else dense_parameters(f))
     if dequantize:
         sd = gguf_state_dict(f, dtype=torch.float32)
     else:

@@ -175,14 +175,27 @@ def load_hf_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None)
         raise CheckpointError(f"{path}: not a directory")
     cfg = read_config_file(path / "config.json")
     tensors = read_safetensors(safetensors_files(path))
-    return build_model(cfg, tensors, default_dtype(cfg, dtype), source=str(path), consume=True)
+    dense = None
+    qcfg = cfg.raw.get("quantization")
+    if isinstance(qcfg, dict) and isinstance(qcfg.get("modules"), dict):
+        quantized = qcfg["modules"]
+        dense = sum(t.numel() for k, t in tensors.items() if k.rsplit(".", 1)[0] not in quantized)
+    return build_model(cfg, tensors, default_dtype(cfg, dtype, dense), source=str(path), consume=True)
 
 
-def default_dtype(cfg: ModelConfig, dtype: str | torch.dtype | None) -> torch.dtype:
-    """'auto' (None): fp32 below 2B parameters, else the checkpoint's dtype (bf16 for releases)."""
+DENSE_SHARE_FP32 = 0.1  # quantized checkpoints with fewer dense parameters than this share run in fp32
+
+
+def default_dtype(cfg: ModelConfig, dtype: str | torch.dtype | None, dense_params: int | None = None) -> torch.dtype:
+    """'auto' (None): fp32 below 2B parameters; fp32 also for a quantized checkpoint whose dense
+    (not quantized) parameters, `dense_params`, are under a tenth of the model: its matmuls take fp32
+    activations (the residual stream stays fp32 between quantized matmuls, as in llama.cpp), so bf16
+    would only add roundings and casts, and its decode steps run natively (`phi3.decode_step`);
+    else the checkpoint's dtype (bf16 for releases)."""
     if dtype not in (None, "auto"):
         return parse_dtype(dtype)
-    if cfg.num_parameters() < 2e9:
+    n = cfg.num_parameters()
+    if n < 2e9 or (dense_params is not None and dense_params < DENSE_SHARE_FP32 * n):
         return torch.float32
     return DTYPES.get(str(cfg.torch_dtype), torch.bfloat16)
 

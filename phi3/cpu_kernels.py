@@ -103,6 +103,12 @@ def _load() -> ctypes.CDLL | None:
     lib.phi3_attend_f16.restype = None
     lib.phi3_decode_attend_f16.argtypes = [p, p, p, p, p, p, p, i, i, i, i, i, i, i, f, i]
     lib.phi3_decode_attend_f16.restype = None
+    lib.phi3_decode_layers.argtypes = [p, i, i, p, i, f, i, i, i, i, p, p, i, i, i, p, f, i]
+    lib.phi3_decode_layers.restype = None
+    lib.phi3_rms_norm.argtypes = [p, p, f, i, i, p]
+    lib.phi3_rms_norm.restype = None
+    lib.phi3_swiglu.argtypes = [p, i, i, p]
+    lib.phi3_swiglu.restype = None
     lib.phi3_ggml_q4_nibbles.argtypes = [p, ctypes.c_long, i, i, p, i]
     lib.phi3_ggml_q4_nibbles.restype = None
     return lib

@@ -724,8 +724,9 @@ def gguf_quantized_state_dict(f: GGUFFile, dtype: torch.dtype = torch.float32) -
     from .memory import return_freed_memory
 
     names = {g: hf_tensor_name(f, g) for g in f.tensors}
-    # the embedding keeps its quantization only when the head is a tensor of its own (a tied head
-    # stays the dense table, as before)
+    # the embedding keeps its quantization only when the head is a tensor of its own: a tied head
+    # stays the dense table (as a quantized linear its activations would be rounded to int8 in one
+    # level, which changes the 135M default model's answers)
     untied = "output.weight" in f.tensors
     dense: dict[str, torch.Tensor] = {}
     quant: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}  # module name -> (bits, parts)
@@ -733,10 +734,9 @@ def gguf_quantized_state_dict(f: GGUFFile, dtype: torch.dtype = torch.float32) -
         if hf_name is None:
             continue
         t = f.tensors[gguf_name]
-        if hf_name == "model.embed_tokens.weight":
-            parts = native_parts(t) if untied else None
-        else:
-            parts = quantized_linear_parts(t)
+        parts = None
+        if not _stays_dense(t, hf_name, untied):
+            parts = native_parts(t) if hf_name == "model.embed_tokens.weight" else quantized_linear_parts(t)
         if parts is None:
             dense[hf_name] = dequantize(t, dtype)
         else:
@@ -758,6 +758,25 @@ def gguf_quantized_state_dict(f: GGUFFile, dtype: torch.dtype = torch.float32) -
     section = {"quant_method": "phi3-weight-only", "bits": 4, "group_size": GROUP,
                "modules": {name: bits for name, (bits, _) in quant.items()}}
     return sd, section
+
+
+def _stays_dense(t: GGUFTensor, hf_name: str, untied: bool) -> bool:
+    """Whether `gguf_quantized_state_dict` loads this tensor dense (else quantized): the token
+    embedding keeps Q4_0 / Q4_1 / Q8_0 blocks when the head is a tensor of its own; a matrix of any
+    quantized type is a quantized linear."""
+    if hf_name == "model.embed_tokens.weight":
+        return not (untied and t.qtype in (*NATIVE_INT4, "Q8_0"))
+    return len(t.shape) != 2 or t.qtype not in (*NATIVE_INT4, "Q8_0", *REQUANT_INT4, *REQUANT_INT8)
+
+
+def dense_parameters(f: GGUFFile) -> int:
+    """How many of the model's parameters `gguf_quantized_state_dict` loads dense."""
+    untied, total = "output.weight" in f.tensors, 0
+    for gguf_name, t in f.tensors.items():
+        hf_name = hf_tensor_name(f, gguf_name)
+        if hf_name is not None and _stays_dense(t, hf_name, untied):
+            total += int(np.prod(t.shape, dtype=np.int64))
+    return total
 
 
 _FUSIONS = (("self_attn.", ("q_proj", "k_proj", "v_proj"), "qkv_proj"),

@@ -13,7 +13,7 @@ from phi3.checkpoint import build_model, load_hf_checkpoint, save_hf_checkpoint
 from phi3.config import ModelConfig
 from phi3.errors import CheckpointError, ConfigError
 
-from .conftest import scaled_down
+from .conftest import PRESETS, scaled_down
 
 
 def _ids(vocab=160, t=40):
@@ -154,3 +154,27 @@ def test_cli_error_is_one_line_without_traceback(saved):
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "config.json" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_auto_dtype_is_fp32_for_small_models_and_for_mostly_quantized_checkpoints():
+    """A 3.8B checkpoint runs in its own dtype (bf16), unless almost all of it is quantized: then
+    fp32 activations between the quantized matmuls (as llama.cpp), and the native decode step."""
+    from phi3.checkpoint import default_dtype
+    mini = ModelConfig.from_hf_dict(json.loads((PRESETS / "phi-3-mini-4k-instruct.json").read_text()))
+    n = mini.num_parameters()
+    assert default_dtype(mini, None) == torch.bfloat16
+    assert default_dtype(mini, None, dense_params=mini.hidden_size * 65) == torch.float32  # the norms
+    assert default_dtype(mini, None, dense_params=n // 5) == torch.bfloat16  # e.g. a dense vocabulary table
+    assert default_dtype(mini, "float16", dense_params=0) == torch.float16  # asked for
+    small = ModelConfig.from_hf_dict(scaled_down("phi-3-mini-4k-instruct"))
+    assert default_dtype(small, None) == torch.float32
+
+
+def test_dense_parameters_of_a_gguf_counts_what_loads_dense(default_gguf):
+    """The embedded SmolLM2 GGUF: Q4/Q8 layers load quantized; its Q8_0 token table is tied to the
+    head, so it loads dense, as do the norms."""
+    from phi3.gguf import dense_parameters, read_gguf
+    f = read_gguf(default_gguf)
+    table = 49152 * 576
+    norms = 576 * (2 * 30 + 1)
+    assert dense_parameters(f) == table + norms

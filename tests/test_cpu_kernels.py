@@ -207,6 +207,7 @@ def test_fused_decode_attention_is_bit_identical_to_the_unfused_path(preset, mon
     pos[1, 4:] -= 4
 
     def decode(fused: bool):
+        monkeypatch.setenv("PHI3_DECODE_STEP", "0")  # the per-layer path (the whole-stack step: test_decode_step.py)
         calls = []
         real = cpu_kernels.decode_attend_f16
         monkeypatch.setattr(cpu_kernels, "decode_attend_f16", lambda *a: calls.append(1) or real(*a))

@@ -462,3 +462,95 @@ void phi3_ggml_q4_nibbles(const uint8_t *blocks, long nblocks, int bsize, int qs
         for (int i = 0; i < 16; i++) o[i] = (uint8_t)(w[2 * i] | (w[2 * i + 1] << 4));
     }
 }
+
+/* ---- one decode step of a stack of quantized Phi-3 decoder layers ------------------------------
+ * The whole per-token work of the decoder in one call, so no Python or tensor-library dispatch
+ * sits between the kernels: per layer RMSNorm, [Q|K|V] projection, RoPE + fp16 cache write +
+ * attention (`phi3_decode_attend_f16`), output projection, residual, RMSNorm, [gate|up] projection,
+ * up·silu(gate), down projection, residual. The linears are int4 or int8 in the layouts above. */
+typedef struct {
+    const uint8_t *packed;    /* kernel layout */
+    const float *row_scale;   /* int8 per output channel: fp32 [N]; NULL for int4 and grouped int8 */
+    const float *bias;        /* fp32 [N] or NULL */
+    int bits;                 /* 4 or 8 */
+    int N, K, G;              /* outputs (a multiple of 8), inputs, group / block of inputs */
+    int symmetric, levels;    /* int4: scale-only layout; activation rounding levels (1 or 2) */
+} phi3_linear;
+
+typedef struct {
+    const float *ln1, *ln2;   /* RMSNorm weights fp32 [D] */
+    phi3_linear qkv, o, gate_up, down;
+    uint16_t *k, *v;          /* fp16 caches [B, KV, L, hd] */
+} phi3_layer;
+
+static void linear_forward(const phi3_linear *l, const float *x, int M, float *y, int nthreads) {
+    if (l->bits == 4) phi3_int4_matmul(x, M, l->K, l->packed, l->N, l->G, y, nthreads, l->levels, l->symmetric);
+    else phi3_int8_matmul(x, M, l->K, l->packed, l->N, l->G, l->row_scale, y, nthreads);
+    if (l->bias)
+        for (int m = 0; m < M; m++)
+            for (int n = 0; n < l->N; n++) y[(size_t)m * l->N + n] += l->bias[n];
+}
+
+/* y = x / sqrt(mean(x²) + eps) · w, as llama.cpp's rms_norm + mul: the squares summed in double,
+ * the row scaled, then multiplied by the weight. */
+static void rms_norm_rows(const float *x, const float *w, float eps, int M, int D, float *y) {
+    for (int m = 0; m < M; m++) {
+        const float *xr = x + (size_t)m * D;
+        float *yr = y + (size_t)m * D;
+        double sum = 0.0;
+        for (int i = 0; i < D; i++) sum += (double)(xr[i] * xr[i]);
+        const float scale = 1.0f / sqrtf((float)(sum / D) + eps);
+        for (int i = 0; i < D; i++) yr[i] = (xr[i] * scale) * w[i];
+    }
+}
+
+/* out[m, i] = up · silu(gate) from gu [M, 2I] = [gate | up]; silu(g) = g / (1 + e^−g), with e^−|g| so
+ * that the exponential never overflows. I a multiple of 8. */
+static void swiglu_rows(const float *gu, int M, int I, float *out) {
+    const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    for (int m = 0; m < M; m++) {
+        const float *g = gu + (size_t)m * 2 * I, *u = g + I;
+        float *o = out + (size_t)m * I;
+        for (int i = 0; i < I; i += 8) {
+            const __m256 gv = _mm256_loadu_ps(g + i);
+            const __m256 e = exp_neg_ps(_mm256_or_ps(gv, sign));  /* e^−|g| */
+            const __m256 pos = _mm256_cmp_ps(gv, zero, _CMP_GE_OQ);
+            /* g ≥ 0: g / (1 + e^−g); g < 0: g·e^g / (1 + e^g) */
+            const __m256 num = _mm256_blendv_ps(_mm256_mul_ps(gv, e), gv, pos);
+            const __m256 s = _mm256_div_ps(num, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_loadu_ps(u + i), s));
+        }
+    }
+}
+
+/* Test entry points for the two elementwise steps above. */
+void phi3_rms_norm(const float *x, const float *w, float eps, int M, int D, float *y) { rms_norm_rows(x, w, eps, M, D, y); }
+void phi3_swiglu(const float *gu, int M, int I, float *out) { swiglu_rows(gu, M, I, out); }
+
+/* x fp32 [B, D] (one new token per row, the residual stream) through `n_layers` layers, in place.
+ * H query heads and KV key/value heads of hd channels; intermediate size I; cos, sin fp32 [B, rot]
+ * for each row's position; caches hold L slots, the new token goes to slot `start`; valid uint8
+ * [B, start + 1] or NULL (see `phi3_decode_attend_f16`). */
+void phi3_decode_layers(float *x, int B, int D, const phi3_layer *layers, int n_layers, float eps, int H, int KV,
+                        int hd, int I, const float *cos, const float *sin, int rot, int L, int start,
+                        const uint8_t *valid, float scale, int nthreads) {
+    const size_t W = (size_t)(H + 2 * KV) * hd;
+    float *h = malloc(sizeof(float) * (size_t)B * (D + W + (size_t)H * hd + 3 * (size_t)I + D));
+    float *qkv = h + (size_t)B * D, *att = qkv + (size_t)B * W, *gu = att + (size_t)B * H * hd;
+    float *act = gu + (size_t)B * 2 * I, *y = act + (size_t)B * I;
+    for (int l = 0; l < n_layers; l++) {
+        const phi3_layer *ly = layers + l;
+        rms_norm_rows(x, ly->ln1, eps, B, D, h);
+        linear_forward(&ly->qkv, h, B, qkv, nthreads);
+        phi3_decode_attend_f16(qkv, cos, sin, ly->k, ly->v, valid, att, B, H, KV, L, start, hd, rot, scale, nthreads);
+        linear_forward(&ly->o, att, B, y, nthreads);
+        for (size_t i = 0; i < (size_t)B * D; i++) x[i] += y[i];
+        rms_norm_rows(x, ly->ln2, eps, B, D, h);
+        linear_forward(&ly->gate_up, h, B, gu, nthreads);
+        swiglu_rows(gu, B, I, act);
+        linear_forward(&ly->down, act, B, y, nthreads);
+        for (size_t i = 0; i < (size_t)B * D; i++) x[i] += y[i];
+    }
+    free(h);
+}

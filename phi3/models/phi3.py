@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import decode_step
 from ..config import ModelConfig
 from ..layers import (Attention, GatedMLP, KVCache, RMSNorm, RotaryEmbedding, attention_mask, kv_cache_dtype,
                       linear_cross_entropy)
@@ -98,8 +99,12 @@ class Phi3ForCausalLM(nn.Module):
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids (packed documents) is for training, without a KV cache")
         mask = None if causal else attention_mask(positions, k_pos, window, segment_ids)
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, cache.layers[i] if cache is not None else None, start)
+        step = decode_step.for_cache(self, cache) if cache is not None and t == 1 and isinstance(start, int) else None
+        if step is not None:  # quantized decode: all layers in one native call
+            x = step(x, cos, sin, mask, start)
+        else:
+            for i, layer in enumerate(self.model.layers):
+                x = layer(x, cos, sin, mask, cache.layers[i] if cache is not None else None, start)
         if cache is not None:
             cache.length = start + t
         if last_only:

@@ -1,0 +1,127 @@
+"""A decode step through the whole stack of quantized Phi-3 layers in one native call.
+
+Decoding one token through phi-3-mini runs ~15 small tensor operations per layer between the
+quantized matmuls (norms, splits, SwiGLU, residual adds, casts) and as many module calls: about
+0.7 ms a layer of Python and dispatch, 20 ms a token over 32 layers. `phi3_decode_layers` (in
+`csrc/qgemm_avx2.c`) does the whole per-layer chain in C: RMSNorm, [Q|K|V] projection, RoPE,
+fp16 cache write and attention, output projection, residual, RMSNorm, [gate|up] projection,
+up·silu(gate), down projection, residual. The embedding lookup, the final norm and the head stay
+in Python (once per token).
+
+It runs for dense Phi-3 models (`models/phi3.py`) whose four linears per layer are int4 / int8 on
+the native kernels, with fp32 activations and the fp16 KV cache, one new token per row written at
+the same slot (the generator's decode steps). Anything else takes the module path, which computes
+the same function (the norms and SwiGLU differ in float rounding only: see `tests/test_decode_step.py`).
+`PHI3_DECODE_STEP=0` turns the native step off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+from . import cpu_kernels
+from .layers import Attention, GatedMLP, KVCache, RMSNorm
+
+_p, _i = ctypes.c_void_p, ctypes.c_int
+
+
+class _Linear(ctypes.Structure):  # phi3_linear in the C file
+    _fields_ = [("packed", _p), ("row_scale", _p), ("bias", _p), ("bits", _i), ("N", _i), ("K", _i), ("G", _i),
+                ("symmetric", _i), ("levels", _i)]
+
+
+class _Layer(ctypes.Structure):  # phi3_layer in the C file
+    _fields_ = [("ln1", _p), ("ln2", _p), ("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear),
+                ("down", _Linear), ("k", _p), ("v", _p)]
+
+
+def _linear(m) -> _Linear | None:
+    """The C description of a quantized linear on the native kernels, None for anything else."""
+    from .quant import Int4Linear, Int8Linear
+
+    if type(m) not in (Int4Linear, Int8Linear) or m._lib is None or m.out_features % cpu_kernels.ROWS:
+        return None
+    if m.bias is not None and not (m.bias.dtype == torch.float32 and m.bias.is_contiguous()):
+        return None
+    bias = None if m.bias is None else m.bias.data_ptr()
+    levels = cpu_kernels.activation_levels(m.in_features)
+    if type(m) is Int4Linear:
+        sym = int(cpu_kernels.int4_is_symmetric(m.packed, m.group_size))
+        return _Linear(m.packed.data_ptr(), None, bias, 4, m.out_features, m.in_features, m.group_size, sym, levels)
+    row_scale = None if m._row_scales is None else m._row_scales.data_ptr()
+    return _Linear(m.packed.data_ptr(), row_scale, bias, 8, m.out_features, m.in_features, m._block, 0, 1)
+
+
+def _norm_weight(m, eps: float) -> int | None:
+    w = m.weight
+    if type(m) is not RMSNorm or m.eps != eps or w.dtype != torch.float32 or not w.is_contiguous():
+        return None
+    return w.data_ptr()
+
+
+class DecodeStep:
+    """The native step for one model and one KV cache (their pointers, gathered once)."""
+
+    def __init__(self, model, cache, layers: list[_Layer]):
+        self.model = model  # its weights stay alive while the step is in use (the cache holds the step)
+        self.layers = (_Layer * len(layers))(*layers)
+        cfg = model.config
+        self.n_layers = len(layers)
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.hidden, self.intermediate, self.eps = cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps
+        self.max_len = cache.max_len
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                 start: int) -> torch.Tensor:
+        """x fp32 [B, 1, D] (the embedded new tokens) -> the last layer's output [B, 1, D];
+        cos, sin [B, 1, 1, rot]; mask bool [B, 1, 1, start + 1] or None."""
+        b, rot = x.shape[0], cos.shape[-1]
+        x = x.contiguous().clone()
+        cos, sin = cos.reshape(b, rot).contiguous(), sin.reshape(b, rot).contiguous()
+        valid = None if mask is None else mask.reshape(b, start + 1).contiguous()
+        cpu_kernels.library().phi3_decode_layers(
+            x.data_ptr(), b, self.hidden, self.layers, self.n_layers, self.eps, self.heads, self.kv_heads,
+            self.head_dim, self.intermediate, cos.data_ptr(), sin.data_ptr(), rot, self.max_len, start,
+            None if valid is None else valid.data_ptr(), self.head_dim ** -0.5, torch.get_num_threads())
+        return x
+
+
+def build(model, cache) -> DecodeStep | None:
+    """The native decode step for `model` (a `Phi3ForCausalLM`) writing into `cache`, or None when
+    some part of them is not what the C code computes (see the module doc)."""
+    from .models.phi3 import DecoderLayer
+
+    lib = cpu_kernels.library()
+    cfg = model.config
+    if lib is None or model.dtype != torch.float32 or cfg.head_dim % 8 or cfg.head_dim > cpu_kernels.MAX_HEAD_DIM:
+        return None
+    if cfg.rotary_dim % 2 or cfg.intermediate_size % 8 or cfg.num_attention_heads % cfg.num_key_value_heads:
+        return None
+    layers = []
+    for layer, kv in zip(model.model.layers, cache.layers):
+        if type(layer) is not DecoderLayer or type(layer.self_attn) is not Attention or type(layer.mlp) is not GatedMLP:
+            return None
+        if type(kv) is not KVCache or kv.k.dtype != torch.float16 or not (kv.k.is_contiguous() and kv.v.is_contiguous()):
+            return None
+        ln1, ln2 = _norm_weight(layer.input_layernorm, cfg.rms_norm_eps), _norm_weight(layer.post_attention_layernorm,
+                                                                                       cfg.rms_norm_eps)
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = [_linear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+        if ln1 is None or ln2 is None or any(li is None for li in linears):
+            return None
+        layers.append(_Layer(ln1, ln2, *linears, kv.k.data_ptr(), kv.v.data_ptr()))
+    return DecodeStep(model, cache, layers) if layers else None
+
+
+def for_cache(model, cache) -> DecodeStep | None:
+    """`build(model, cache)`, remembered on the cache (a generation's decode steps all use it)."""
+    if os.environ.get("PHI3_DECODE_STEP", "1") in ("0", "false", "no"):
+        return None
+    step = getattr(cache, "_decode_step", False)
+    if step is False or (step is not None and step.model is not model):
+        step = build(model, cache)
+        cache._decode_step = step
+    return step
