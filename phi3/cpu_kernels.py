@@ -5,6 +5,10 @@ The C source is compiled on first use with the system C compiler (`$CC`, else `c
 loaded with ctypes (the GIL is released while a kernel runs). OpenMP comes from the libgomp that torch
 has already loaded, so the kernels share torch's threads and `torch.set_num_threads` applies.
 
+On CPUs with AVX-512 VNNI (and VL) a second build (`-DPHI3_VNNI`) does the integer dot products
+with vpdpbusd: the same integer sums in fewer instructions, identical results. `PHI3_KERNEL_ISA=avx2`
+keeps the AVX2 build there.
+
 When the CPU lacks AVX2/FMA/F16C, no compiler is found, or `PHI3_NATIVE_KERNELS=0`, `library()`
 returns None and the quantized layers use PyTorch's packed kernels instead (the same results up to
 the activation rounding: the native kernels quantize activations to int8 per block, like llama.cpp).
@@ -30,20 +34,37 @@ import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "qgemm_avx2.c"
 FLAGS = ["-O3", "-std=gnu11", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
+ISA_FLAGS = {"avx2": [], "vnni": ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512vnni", "-DPHI3_VNNI"]}
 ROWS = 8  # output rows interleaved per block
 INT8_BLOCK = 32  # activation block of the per-channel int8 kernel
 
 _LIB: list = []
 
 
-def _cpu_has_avx2() -> bool:
+def _cpu_flags() -> set[str]:
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
+        return set()
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return all(f" {f}" in flags for f in ("avx2", "fma", "f16c"))
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def kernel_isa() -> str | None:
+    """Which build of the kernels this CPU runs: "vnni", "avx2", or None (no AVX2/FMA/F16C).
+    `PHI3_KERNEL_ISA=avx2` chooses the AVX2 build on a VNNI CPU."""
+    flags = _cpu_flags()
+    if not {"avx2", "fma", "f16c"} <= flags:
+        return None
+    forced = os.environ.get("PHI3_KERNEL_ISA")
+    if forced not in (None, "", "auto", *ISA_FLAGS):
+        raise ValueError(f"PHI3_KERNEL_ISA={forced!r}: expected auto, avx2 or vnni")
+    vnni = {"avx512_vnni", "avx512vl", "avx512bw"} <= flags
+    if forced == "vnni" and not vnni:
+        raise ValueError("PHI3_KERNEL_ISA=vnni: this CPU has no AVX-512 VNNI")
+    return "avx2" if forced == "avx2" or not vnni else "vnni"
 
 
 def _cache_dir() -> Path:
@@ -58,20 +79,23 @@ def _compiler() -> str | None:
     return None
 
 
-def _build() -> Path | None:
+def _build(isa: str) -> Path | None:
     cc = _compiler()
     if cc is None:
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"qgemm_avx2-{key}.so"
+    flags = [*FLAGS, *ISA_FLAGS[isa]]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *flags]).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"qgemm_{isa}-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        res = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        res = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
         if res.returncode != 0:
+            if isa != "avx2":  # the caller falls back to the AVX2 build
+                return None
             warnings.warn(f"phi3: could not compile {SOURCE.name} with {cc} ({res.stderr.strip()[:300]}); "
                           "using PyTorch's quantized kernels")
             return None
@@ -83,9 +107,19 @@ def _build() -> Path | None:
 
 
 def _load() -> ctypes.CDLL | None:
-    if os.environ.get("PHI3_NATIVE_KERNELS", "1") in ("0", "false", "no") or not _cpu_has_avx2():
+    isa = kernel_isa()
+    if os.environ.get("PHI3_NATIVE_KERNELS", "1") in ("0", "false", "no") or isa is None:
         return None
-    path = _build()
+    lib = load_build(isa)
+    if lib is None and isa != "avx2":  # an old compiler without AVX-512 VNNI: the AVX2 build
+        lib = load_build("avx2")
+    return lib
+
+
+def load_build(isa: str) -> ctypes.CDLL | None:
+    """The kernels compiled for `isa` ("avx2" or "vnni") with their signatures declared, None when
+    they cannot be built or run here. `library()` is the one to use; this is for comparing builds."""
+    path = _build(isa)
     if path is None:
         return None
     lib = ctypes.CDLL(str(path))

@@ -69,6 +69,58 @@ def test_int4_kernel_equals_emulation(n, k, group, m, levels, monkeypatch):
         assert (got.double() - expected).abs().max() <= (general.double() - expected).abs().max()
 
 
+def test_kernel_isa_choice(monkeypatch):
+    flags = cpu_kernels._cpu_flags()
+    if not {"avx2", "fma", "f16c"} <= flags:
+        assert cpu_kernels.kernel_isa() is None
+        return
+    vnni = {"avx512_vnni", "avx512vl", "avx512bw"} <= flags
+    assert cpu_kernels.kernel_isa() == ("vnni" if vnni else "avx2")
+    monkeypatch.setenv("PHI3_KERNEL_ISA", "avx2")
+    assert cpu_kernels.kernel_isa() == "avx2"
+    monkeypatch.setenv("PHI3_KERNEL_ISA", "sse9")
+    with pytest.raises(ValueError, match="PHI3_KERNEL_ISA='sse9'"):
+        cpu_kernels.kernel_isa()
+
+
+has_vnni = {"avx512_vnni", "avx512vl", "avx512bw"} <= cpu_kernels._cpu_flags()
+
+
+@needs_native
+@pytest.mark.skipif(not has_vnni, reason="this CPU has no AVX-512 VNNI: only the AVX2 build runs here")
+@pytest.mark.parametrize("levels", [1, 2])
+def test_vnni_build_gives_the_avx2_builds_numbers_exactly(levels, monkeypatch):
+    """The VNNI build sums the same integers with vpdpbusd: identical outputs, bit for bit, for int4
+    (Q4_0 scale-only and scale+min layouts, one and two activation levels) and int8 (grouped and
+    per-channel), extreme weights (q 0/15, int8 −128) and activations (outliers) included, at every
+    token count the kernels tile differently (1..9)."""
+    monkeypatch.setenv("PHI3_ACTIVATION_LEVELS", str(levels))
+    builds = [cpu_kernels.load_build("avx2"), cpu_kernels.load_build("vnni")]
+    assert all(b is not None for b in builds)
+    g = torch.Generator().manual_seed(levels)
+    n, k, group = 72, 256, 64
+    q4 = torch.randint(0, 16, (n, k), generator=g)
+    q4[0] = 15
+    scales = torch.rand(n, k // group, generator=g).half()
+    q8 = torch.randint(-128, 128, (n, k), generator=g).to(torch.int8)
+    q8[1] = -128
+    row_scales = cpu_kernels.pad_rows(torch.rand(n, generator=g))
+    weights = [(cpu_kernels.pack_int4(q4, scales, None, group), "int4"),
+               (cpu_kernels.pack_int4(q4, scales, torch.randn(n, k // group, generator=g).half(), group), "int4"),
+               (cpu_kernels.pack_int8(q8, scales, group), "int8 grouped"),
+               (cpu_kernels.pack_int8(q8, None, cpu_kernels.INT8_BLOCK), "int8")]
+    for m in range(1, 10):
+        x = torch.randn(m, k, generator=g) * (1 + 30 * (torch.rand(m, k, generator=g) > 0.97))
+        for packed, kind in weights:
+            if kind == "int4":
+                outs = [cpu_kernels.int4_matmul(b, x, packed, n, group) for b in builds]
+            else:
+                block = group if kind == "int8 grouped" else cpu_kernels.INT8_BLOCK
+                outs = [cpu_kernels.int8_matmul(b, x, packed, n, block, None if kind == "int8 grouped" else row_scales)
+                        for b in builds]
+            assert torch.equal(outs[0], outs[1]), (kind, m)
+
+
 @needs_native
 @pytest.mark.parametrize("n,k,group,m", [(40, 64, 32, 1), (37, 128, None, 5), (64, 96, 32, 6), (16, 64, None, 9)])
 def test_int8_kernel_equals_emulation(n, k, group, m):
