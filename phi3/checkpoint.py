@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from .atomic import atomic_write, atomic_write_bytes
 from .config import ModelConfig, read_config_file
 from .errors import CheckpointError
-from .layers import RotaryEmbedding
+from .layers import RotaryEmbedding, use_native_bf16
 from .memory import return_freed_memory
 from .models.phi3 import Phi3ForCausalLM
 from .quant import load_quantized_modules, quantized_state_dict
@@ -121,6 +121,8 @@ def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: to
         model.reset_buffers()
     else:
         model.rotary = RotaryEmbedding(cfg)
+    if dtype == torch.bfloat16:  # decode steps on the native bf16 kernel
+        use_native_bf16(model)
     if consume:
         return_freed_memory()
     return model.eval()

@@ -130,6 +130,8 @@ def load_build(isa: str) -> ctypes.CDLL | None:
     lib.phi3_int4_matmul.restype = None
     lib.phi3_int8_matmul.argtypes = [p, i, i, p, i, i, p, p, i]
     lib.phi3_int8_matmul.restype = None
+    lib.phi3_bf16_matmul.argtypes = [p, i, i, p, i, p, i]
+    lib.phi3_bf16_matmul.restype = None
     lib.phi3_pack_int4.argtypes = [p, p, p, i, i, i, p, i]
     lib.phi3_pack_int4.restype = None
     f = ctypes.c_float
@@ -320,6 +322,21 @@ def int8_matmul(lib, x: torch.Tensor, packed: torch.Tensor, n: int, block: int,
                          None if row_scales is None else row_scales.data_ptr(), y.data_ptr(),
                          torch.get_num_threads())
     return y if rows == n else y[:, :n]
+
+
+# ---- dense bf16 weights, few tokens ----------------------------------------------------------
+
+BF16_MAX_ROWS = 3  # above this PyTorch's bf16 matmul is as fast (it re-reads no weights)
+
+
+def bf16_matmul(lib, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [m, k] (any float dtype) · weight bf16 [n, k] (contiguous) -> fp32 [m, n]."""
+    x = x.float().contiguous()
+    m, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty(m, n)
+    lib.phi3_bf16_matmul(x.data_ptr(), m, k, weight.data_ptr(), n, y.data_ptr(), torch.get_num_threads())
+    return y
 
 
 # ---- decode attention over an fp16 KV cache --------------------------------------------------

@@ -11,6 +11,38 @@ from torch import nn
 from .config import ModelConfig, longrope_attention_factor
 
 
+class Bf16Linear(nn.Linear):
+    """An `nn.Linear` with bf16 weights whose few-token calls without autograd (decode steps) run
+    on the native bf16 kernel: the weights stream at memory speed, fp32 sums, the result rounded to
+    the input's dtype like `F.linear`'s. Anything else (prefill, training) is `nn.Linear` itself.
+    Same parameters and state dict: `use_native_bf16` swaps the class of existing modules."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        lib = cpu_kernels.library()
+        if (rows > cpu_kernels.BF16_MAX_ROWS or lib is None or x.device.type != "cpu"
+                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+                or self.weight.dtype != torch.bfloat16 or not self.weight.is_contiguous()):
+            return super().forward(x)
+        y = cpu_kernels.bf16_matmul(lib, x.reshape(rows, self.in_features), self.weight)
+        if self.bias is not None:
+            y += self.bias
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+def use_native_bf16(model: nn.Module) -> int:
+    """Give every bf16 `nn.Linear` of `model` the native decode path (`Bf16Linear`), in place;
+    returns how many. A no-op without the native kernels."""
+    if cpu_kernels.library() is None:
+        return 0
+    swapped = 0
+    for m in model.modules():
+        if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu":
+            m.__class__ = Bf16Linear
+            swapped += 1
+    return swapped
+
+
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x²) + eps) computed in fp32, cast back, then scaled (HF semantics)."""
 

@@ -278,3 +278,60 @@ def test_fused_decode_attention_is_bit_identical_to_the_unfused_path(preset, mon
     assert torch.equal(fused, plain)
     for a, b in zip(fused_cache.layers, plain_cache.layers):
         assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+
+
+@needs_native
+@pytest.mark.parametrize("n,k", [(37, 64), (80, 259), (8, 3072)])
+def test_bf16_kernel_equals_float64_product(n, k):
+    """Dense bf16 weights, 1..3 tokens (the decode sizes): fp32 sums of the exact bf16 values, so
+    within fp32 rounding of the float64 product; row and column tails (n % 4, k % 8) included."""
+    g = torch.Generator().manual_seed(n)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    for m in (1, 2, 3, 7):
+        x = torch.randn(m, k, generator=g)
+        got = cpu_kernels.bf16_matmul(lib, x, w)
+        exact = x.double() @ w.double().T
+        torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5 * k ** 0.5)
+
+
+@needs_native
+def test_bf16_models_decode_on_the_native_kernel(monkeypatch):
+    """A bf16 model built by the loader has `Bf16Linear`s (same parameters and state dict, tied
+    head still tied); its decode steps call the kernel, its prefill and anything under autograd do
+    not, and greedy decoding gives the tokens of the plain `nn.Linear` path."""
+    from torch import nn
+
+    from phi3.checkpoint import build_model
+    from phi3.config import ModelConfig
+    from phi3.generate import SamplingParams, generate_tokens
+    from phi3.layers import Bf16Linear
+    from phi3.models.phi3 import Phi3ForCausalLM
+
+    from .conftest import scaled_down
+    cfg = ModelConfig.from_hf_dict(scaled_down("phi-3-mini-4k-instruct", vocab=256))
+    torch.manual_seed(0)
+    sd = Phi3ForCausalLM(cfg).state_dict()
+    model = build_model(cfg, dict(sd), torch.bfloat16)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(type(m) is Bf16Linear for m in linears)
+    assert model.state_dict().keys() == sd.keys()
+
+    calls = []
+    real = cpu_kernels.bf16_matmul
+    monkeypatch.setattr(cpu_kernels, "bf16_matmul", lambda *a: calls.append(a[1].shape[0]) or real(*a))
+    prompt = [5, 17, 99, 3, 42, 7]
+    params = SamplingParams(max_new_tokens=10, temperature=0.0)
+    native = [s[0] for s in generate_tokens(model, [prompt], params)]
+    assert calls and set(calls) == {1}  # one row at a time: the 6-token prefill took nn.Linear
+    n_decode_calls = len(calls)
+    # 9 steps after the prefill, 4 linears a layer + the head; + the prefill's head (last position only)
+    assert n_decode_calls == 9 * (4 * cfg.num_hidden_layers + 1) + 1
+
+    monkeypatch.setattr(cpu_kernels, "BF16_MAX_ROWS", 0)  # everything on nn.Linear
+    plain = [s[0] for s in generate_tokens(model, [prompt], params)]
+    assert len(calls) == n_decode_calls and native == plain
+
+    monkeypatch.setattr(cpu_kernels, "BF16_MAX_ROWS", 3)
+    x = torch.randn(1, 1, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    model.model.layers[0].mlp.gate_up_proj(x).sum().backward()  # autograd: nn.Linear's path
+    assert len(calls) == n_decode_calls and x.grad is not None

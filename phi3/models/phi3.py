@@ -109,7 +109,7 @@ class Phi3ForCausalLM(nn.Module):
             cache.length = start + t
         if last_only:
             x = x[:, -1:]
-        if targets is not None and type(self.lm_head) is nn.Linear:
+        if targets is not None and isinstance(self.lm_head, nn.Linear):
             return linear_cross_entropy(self.model.norm(x).flatten(0, 1), self.lm_head.weight, targets.flatten())
         logits = self.lm_head(self.model.norm(x))
         if targets is not None:
