@@ -137,6 +137,8 @@ def load_build(isa: str) -> ctypes.CDLL | None:
     f = ctypes.c_float
     lib.phi3_attend_f16.argtypes = [p, p, p, p, p, i, i, i, i, i, i, f, i]
     lib.phi3_attend_f16.restype = None
+    lib.phi3_attend_bf16.argtypes = [p, p, p, p, p, i, i, i, i, i, i, f, i]
+    lib.phi3_attend_bf16.restype = None
     lib.phi3_decode_attend_f16.argtypes = [p, p, p, p, p, p, p, i, i, i, i, i, i, i, f, i]
     lib.phi3_decode_attend_f16.restype = None
     lib.phi3_decode_layers.argtypes = [p, i, i, p, i, f, i, i, i, i, p, p, i, i, i, p, f, i]
@@ -341,8 +343,8 @@ def bf16_matmul(lib, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 # ---- decode attention over an fp16 KV cache --------------------------------------------------
 
-def attend_f16(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """q [B, H, 1, D] (any float dtype); k, v fp16 [B, KV, S, D] views of the first S slots of a cache
+def attend_cache(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """q [B, H, 1, D] (any float dtype); k, v fp16 or bf16 [B, KV, S, D] views of the first S slots of a cache
     [B, KV, L, D] (contiguous, so rows are L·D apart); mask bool broadcastable to [B, 1, 1, S]
     (True = attend) or None. Returns fp32 [B, H, 1, D]; softmax(q·kᵀ/√D)·v in fp32."""
     b, h, _, d = q.shape
@@ -353,7 +355,8 @@ def attend_f16(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     if mask is not None:
         valid = mask.expand(b, 1, 1, s).reshape(b, s).contiguous()  # bool [B, S]
     out = torch.empty(b, h, 1, d)
-    lib.phi3_attend_f16(qf.data_ptr(), k.data_ptr(), v.data_ptr(), None if valid is None else valid.data_ptr(),
+    kernel = lib.phi3_attend_bf16 if k.dtype == torch.bfloat16 else lib.phi3_attend_f16
+    kernel(qf.data_ptr(), k.data_ptr(), v.data_ptr(), None if valid is None else valid.data_ptr(),
                         out.data_ptr(), b, h, kv, length, s, d, d ** -0.5, torch.get_num_threads())
     return out
 
@@ -366,7 +369,7 @@ def decode_attend_f16(lib, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     """One decode step of attention from the fused projection, in one call: qkv fp32 [B, 1, (H + 2·KV)·D];
     cos, sin fp32 broadcastable to [B, 1, 1, rot]; the fp16 caches [B, KV, L, D] get the new key (rotated)
     and value at slot `start`; mask bool broadcastable to [B, 1, 1, start + 1] or None.
-    Returns fp32 [B, 1, H·D]: the same as RoPE + `KVCache.update` + `attend_f16` (see `Attention`)."""
+    Returns fp32 [B, 1, H·D]: the same as RoPE + `KVCache.update` + `attend_cache` (see `Attention`)."""
     b, _, width = qkv.shape
     d, length, rot = k_cache.shape[-1], k_cache.shape[2], cos.shape[-1]
     s = start + 1
@@ -391,9 +394,10 @@ def can_decode_attend_f16(qkv: torch.Tensor, cos: torch.Tensor, k_cache: torch.T
             and d % 8 == 0 and d <= MAX_HEAD_DIM and cos.shape[-1] % 2 == 0 and start < k_cache.shape[2])
 
 
-def can_attend_f16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether `attend_f16` takes these tensors: one query, fp16 cache views laid out as it expects."""
+def can_attend_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `attend_cache` takes these tensors: one query, fp16 or bf16 cache views laid out as it
+    expects."""
     d = q.shape[-1]
-    return (q.shape[2] == 1 and k.dtype == v.dtype == torch.float16 and d % 8 == 0 and q.device.type == "cpu"
+    return (q.shape[2] == 1 and k.dtype == v.dtype and k.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and q.device.type == "cpu"
             and k.stride(3) == 1 and k.stride(2) == d and k.stride(1) % d == 0 and k.stride(0) == k.shape[1] * k.stride(1)
             and v.stride() == k.stride() and q.shape[1] % k.shape[1] == 0)

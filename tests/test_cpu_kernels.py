@@ -203,7 +203,7 @@ def test_fp16_decode_attention_equals_its_definition(b, h, kv, s, d):
     q = torch.randn(b, h, 1, d, generator=g)
     mask = torch.rand(b, 1, 1, s, generator=g) > 0.3
     mask[..., -1] = True  # the token itself is always visible
-    assert cpu_kernels.can_attend_f16(q, k, v)
+    assert cpu_kernels.can_attend_cache(q, k, v)
     for m in (mask, None):
         got = attention(q, k, v, m)
         torch.testing.assert_close(got, llama_cpp_attention(q, k, v, m), rtol=1e-5, atol=1e-5)
@@ -335,3 +335,33 @@ def test_bf16_models_decode_on_the_native_kernel(monkeypatch):
     x = torch.randn(1, 1, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
     model.model.layers[0].mlp.gate_up_proj(x).sum().backward()  # autograd: nn.Linear's path
     assert len(calls) == n_decode_calls and x.grad is not None
+
+
+@needs_native
+@pytest.mark.parametrize("b,h,kv,s,d", [(1, 4, 4, 37, 32), (3, 8, 2, 70, 96)])
+def test_bf16_cache_decode_attention_equals_float64(b, h, kv, s, d):
+    """One bf16 query over the first s slots of a bf16 cache (a bf16 model's decode) takes the native
+    kernel and equals softmax attention in float64 on the same bf16 values, up to the output's bf16
+    rounding; with autograd on q it takes SDPA."""
+    from phi3.layers import attention
+    g = torch.Generator().manual_seed(s)
+    cache_k = torch.randn(b, kv, 80, d, generator=g).bfloat16()
+    cache_v = torch.randn(b, kv, 80, d, generator=g).bfloat16()
+    k, v = cache_k[:, :, :s], cache_v[:, :, :s]
+    q = torch.randn(b, h, 1, d, generator=g).bfloat16()
+    mask = torch.rand(b, 1, 1, s, generator=g) > 0.3
+    mask[..., -1] = True
+    assert cpu_kernels.can_attend_cache(q, k, v)
+    kernel = cpu_kernels.attend_cache(lib, q, k, v, mask)  # fp32, before the output's rounding
+    group = h // kv
+    kd, vd = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
+    scores = (q.double() @ kd.transpose(-1, -2) * d ** -0.5).masked_fill(~mask, float("-inf"))
+    exact = scores.softmax(-1) @ vd
+    torch.testing.assert_close(kernel.double(), exact, rtol=0, atol=1e-5)
+    got = attention(q, k, v, mask)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, kernel.bfloat16())
+    qg = q.clone().requires_grad_()
+    via_sdpa = attention(qg, k, v, mask)
+    via_sdpa.float().sum().backward()
+    assert qg.grad is not None
+    torch.testing.assert_close(via_sdpa.double(), exact, rtol=0, atol=2e-2)

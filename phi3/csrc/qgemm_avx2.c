@@ -393,12 +393,18 @@ void phi3_bf16_matmul(const float *x, int M, int K, const uint16_t *W, int N, fl
 #define MAX_HEAD_DIM 512
 /* One query head: o[D] = softmax(qh·khᵀ · scale over keys 0 .. S-1 with ok[s] != 0) · vh, keys and
  * values fp16 rows of D; p: scratch of S rounded up to 8 floats, 32-byte aligned. */
-static void attend_head(const float *qf, const uint16_t *kh, const uint16_t *vh, const uint8_t *ok, int S, int D,
-                        float scale, float *o, float *p) {
+ALWAYS_INLINE __m256 load_kv(const uint16_t *p, const int BF16) { return BF16 ? load_bf16(p) : load_f16(p); }
+
+/* BF16: keys and values are bf16 (a bf16 model's cache), products in fp32 without the fp16
+ * roundings of the query and the weights that mirror llama.cpp's fp16 cache. */
+ALWAYS_INLINE void attend_head_t(const float *qf, const uint16_t *kh, const uint16_t *vh, const uint8_t *ok, int S,
+                                 int D, float scale, float *o, float *p, const int BF16) {
     const int S8 = (S + 7) & ~7;
-    float qh[MAX_HEAD_DIM];  /* the query rounded to fp16, as llama.cpp multiplies it with the fp16 keys */
-    for (int d = 0; d < D; d += 8)
-        _mm256_storeu_ps(qh + d, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(qf + d), _MM_FROUND_TO_NEAREST_INT)));
+    float qh[MAX_HEAD_DIM];  /* fp16: the query rounded to fp16, as llama.cpp multiplies it with the fp16 keys */
+    for (int d = 0; d < D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(qf + d);
+        _mm256_storeu_ps(qh + d, BF16 ? qv : _mm256_cvtph_ps(_mm256_cvtps_ph(qv, _MM_FROUND_TO_NEAREST_INT)));
+    }
     /* scores, 8 keys at a time (the last block reads key 0 again for its missing keys) */
     for (int s0 = 0; s0 < S; s0 += 8) {
         const uint16_t *kr[8];
@@ -410,14 +416,14 @@ static void attend_head(const float *qf, const uint16_t *kh, const uint16_t *vh,
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
         for (int d = 0; d < D; d += 8) {
             const __m256 qd = _mm256_loadu_ps(qh + d);
-            a0 = _mm256_fmadd_ps(qd, load_f16(kr[0] + d), a0);
-            a1 = _mm256_fmadd_ps(qd, load_f16(kr[1] + d), a1);
-            a2 = _mm256_fmadd_ps(qd, load_f16(kr[2] + d), a2);
-            a3 = _mm256_fmadd_ps(qd, load_f16(kr[3] + d), a3);
-            a4 = _mm256_fmadd_ps(qd, load_f16(kr[4] + d), a4);
-            a5 = _mm256_fmadd_ps(qd, load_f16(kr[5] + d), a5);
-            a6 = _mm256_fmadd_ps(qd, load_f16(kr[6] + d), a6);
-            a7 = _mm256_fmadd_ps(qd, load_f16(kr[7] + d), a7);
+            a0 = _mm256_fmadd_ps(qd, load_kv(kr[0] + d, BF16), a0);
+            a1 = _mm256_fmadd_ps(qd, load_kv(kr[1] + d, BF16), a1);
+            a2 = _mm256_fmadd_ps(qd, load_kv(kr[2] + d, BF16), a2);
+            a3 = _mm256_fmadd_ps(qd, load_kv(kr[3] + d, BF16), a3);
+            a4 = _mm256_fmadd_ps(qd, load_kv(kr[4] + d, BF16), a4);
+            a5 = _mm256_fmadd_ps(qd, load_kv(kr[5] + d, BF16), a5);
+            a6 = _mm256_fmadd_ps(qd, load_kv(kr[6] + d, BF16), a6);
+            a7 = _mm256_fmadd_ps(qd, load_kv(kr[7] + d, BF16), a7);
         }
         _mm256_store_ps(p + s0, _mm256_mul_ps(hsum8_ps(a0, a1, a2, a3, a4, a5, a6, a7), _mm256_set1_ps(scale)));
     }
@@ -441,9 +447,10 @@ static void attend_head(const float *qf, const uint16_t *kh, const uint16_t *vh,
     r = _mm_add_ps(r, _mm_movehl_ps(r, r));
     r = _mm_add_ss(r, _mm_movehdup_ps(r));
     const __m256 inv = _mm256_set1_ps(1.f / _mm_cvtss_f32(r));
-    for (int s0 = 0; s0 < S8; s0 += 8)  /* the weights normalised, then rounded to fp16 (as llama.cpp's V product) */
-        _mm256_store_ps(p + s0, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_mul_ps(_mm256_load_ps(p + s0), inv),
-                                                                _MM_FROUND_TO_NEAREST_INT)));
+    for (int s0 = 0; s0 < S8; s0 += 8) {  /* the weights normalised (fp16: then rounded, as llama.cpp's V product) */
+        const __m256 w = _mm256_mul_ps(_mm256_load_ps(p + s0), inv);
+        _mm256_store_ps(p + s0, BF16 ? w : _mm256_cvtph_ps(_mm256_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT)));
+    }
     /* o = Σ p_s v_s: blocks of VBLOCK keys (in L1 after the first slice), slices of 32 outputs */
     for (int d = 0; d < D; d++) o[d] = 0.f;
     for (int s0 = 0; s0 < S; s0 += VBLOCK) {
@@ -460,10 +467,10 @@ static void attend_head(const float *qf, const uint16_t *kh, const uint16_t *vh,
                 if (p[s] == 0.f) continue;
                 const __m256 w = _mm256_set1_ps(p[s]);
                 const uint16_t *vs = vh + (size_t)s * D + d0;
-                o0 = _mm256_fmadd_ps(w, load_f16(vs), o0);
-                o1 = _mm256_fmadd_ps(w, load_f16(vs + 8), o1);
-                o2 = _mm256_fmadd_ps(w, load_f16(vs + 16), o2);
-                o3 = _mm256_fmadd_ps(w, load_f16(vs + 24), o3);
+                o0 = _mm256_fmadd_ps(w, load_kv(vs, BF16), o0);
+                o1 = _mm256_fmadd_ps(w, load_kv(vs + 8, BF16), o1);
+                o2 = _mm256_fmadd_ps(w, load_kv(vs + 16, BF16), o2);
+                o3 = _mm256_fmadd_ps(w, load_kv(vs + 24, BF16), o3);
             }
             _mm256_storeu_ps(o + d0, o0);
             _mm256_storeu_ps(o + d0 + 8, o1);
@@ -473,9 +480,30 @@ static void attend_head(const float *qf, const uint16_t *kh, const uint16_t *vh,
         for (; d0 < D; d0 += 8) {
             __m256 o0 = _mm256_loadu_ps(o + d0);
             for (int s = s0; s < s1; s++)
-                if (p[s] != 0.f) o0 = _mm256_fmadd_ps(_mm256_set1_ps(p[s]), load_f16(vh + (size_t)s * D + d0), o0);
+                if (p[s] != 0.f) o0 = _mm256_fmadd_ps(_mm256_set1_ps(p[s]), load_kv(vh + (size_t)s * D + d0, BF16), o0);
             _mm256_storeu_ps(o + d0, o0);
         }
+    }
+}
+
+static void attend_head(const float *qf, const uint16_t *kh, const uint16_t *vh, const uint8_t *ok, int S, int D,
+                        float scale, float *o, float *p) {
+    attend_head_t(qf, kh, vh, ok, S, D, scale, o, p, 0);
+}
+
+/* The same over a bf16 cache (bf16 models' decode): q fp32 [B, H, D], k, v bf16 [B, KV, L, D]. */
+void phi3_attend_bf16(const float *q, const uint16_t *k, const uint16_t *v, const uint8_t *valid, float *out,
+                      int B, int H, int KV, int L, int S, int D, float scale, int nthreads) {
+    const int group = H / KV;
+    const size_t scratch = sizeof(float) * (size_t)((S + 7) & ~7) + 32;
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int bh = 0; bh < B * H; bh++) {
+        const int b = bh / H, h = bh % H;
+        float *p = aligned_alloc(32, scratch & ~(size_t)31);
+        attend_head_t(q + (size_t)bh * D, k + ((size_t)b * KV + h / group) * L * D,
+                      v + ((size_t)b * KV + h / group) * L * D, valid ? valid + (size_t)b * S : NULL, S, D, scale,
+                      out + (size_t)bh * D, p, 1);
+        free(p);
     }
 }
 
