@@ -491,9 +491,10 @@ static void attend_head(const float *qf, const uint16_t *kh, const uint16_t *vh,
     attend_head_t(qf, kh, vh, ok, S, D, scale, o, p, 0);
 }
 
-/* The same over a bf16 cache (bf16 models' decode): q fp32 [B, H, D], k, v bf16 [B, KV, L, D]. */
-void phi3_attend_bf16(const float *q, const uint16_t *k, const uint16_t *v, const uint8_t *valid, float *out,
-                      int B, int H, int KV, int L, int S, int D, float scale, int nthreads) {
+/* Every (row, query head) of q fp32 [B, H, D] over the cache k, v [B, KV, L, D] (fp16, or bf16 with
+ * BF16: a bf16 model's decode), slots 0 .. S-1; out fp32 [B, H, D]. */
+ALWAYS_INLINE void attend_rows(const float *q, const uint16_t *k, const uint16_t *v, const uint8_t *valid, float *out,
+                               int B, int H, int KV, int L, int S, int D, float scale, int nthreads, const int BF16) {
     const int group = H / KV;
     const size_t scratch = sizeof(float) * (size_t)((S + 7) & ~7) + 32;
     #pragma omp parallel for schedule(static) num_threads(nthreads)
@@ -502,23 +503,19 @@ void phi3_attend_bf16(const float *q, const uint16_t *k, const uint16_t *v, cons
         float *p = aligned_alloc(32, scratch & ~(size_t)31);
         attend_head_t(q + (size_t)bh * D, k + ((size_t)b * KV + h / group) * L * D,
                       v + ((size_t)b * KV + h / group) * L * D, valid ? valid + (size_t)b * S : NULL, S, D, scale,
-                      out + (size_t)bh * D, p, 1);
+                      out + (size_t)bh * D, p, BF16);
         free(p);
     }
 }
 
 void phi3_attend_f16(const float *q, const uint16_t *k, const uint16_t *v, const uint8_t *valid, float *out,
                      int B, int H, int KV, int L, int S, int D, float scale, int nthreads) {
-    const int group = H / KV;
-    const size_t scratch = sizeof(float) * (size_t)((S + 7) & ~7) + 32;
-    #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int bh = 0; bh < B * H; bh++) {
-        const int b = bh / H, h = bh % H;
-        float *p = aligned_alloc(32, scratch & ~(size_t)31);
-        attend_head(q + (size_t)bh * D, k + ((size_t)b * KV + h / group) * L * D, v + ((size_t)b * KV + h / group) * L * D,
-                    valid ? valid + (size_t)b * S : NULL, S, D, scale, out + (size_t)bh * D, p);
-        free(p);
-    }
+    attend_rows(q, k, v, valid, out, B, H, KV, L, S, D, scale, nthreads, 0);
+}
+
+void phi3_attend_bf16(const float *q, const uint16_t *k, const uint16_t *v, const uint8_t *valid, float *out,
+                      int B, int H, int KV, int L, int S, int D, float scale, int nthreads) {
+    attend_rows(q, k, v, valid, out, B, H, KV, L, S, D, scale, nthreads, 1);
 }
 
 /* HF rotate-half RoPE of one head x[D] into y[D]: the first `rot` channels rotated by cos / sin
