@@ -139,9 +139,9 @@ def load_build(isa: str) -> ctypes.CDLL | None:
     lib.phi3_attend_f16.restype = None
     lib.phi3_attend_bf16.argtypes = [p, p, p, p, p, i, i, i, i, i, i, f, i]
     lib.phi3_attend_bf16.restype = None
-    lib.phi3_decode_attend_f16.argtypes = [p, p, p, p, p, p, p, i, i, i, i, i, i, i, f, i]
+    lib.phi3_decode_attend_f16.argtypes = [p, p, p, p, p, p, p, i, i, i, i, p, i, i, i, f, i]
     lib.phi3_decode_attend_f16.restype = None
-    lib.phi3_decode_layers.argtypes = [p, i, i, p, i, f, i, i, i, i, p, p, i, i, i, p, f, i]
+    lib.phi3_decode_layers.argtypes = [p, i, i, p, i, f, i, i, i, i, p, p, i, i, p, i, p, f, i]
     lib.phi3_decode_layers.restype = None
     lib.phi3_rms_norm.argtypes = [p, p, f, i, i, p]
     lib.phi3_rms_norm.restype = None
@@ -377,10 +377,11 @@ def decode_attend_f16(lib, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     cos = cos.reshape(-1, rot).expand(b, rot).contiguous()
     sin = sin.reshape(-1, rot).expand(b, rot).contiguous()
     valid = None if mask is None else mask.expand(b, 1, 1, s).reshape(b, s).contiguous()
+    starts = torch.full((b,), start, dtype=torch.int32)
     out = torch.empty(b, 1, n_heads * d)
     lib.phi3_decode_attend_f16(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                                None if valid is None else valid.data_ptr(), out.data_ptr(), b, n_heads, n_kv, length,
-                               start, d, rot, d ** -0.5, torch.get_num_threads())
+                               starts.data_ptr(), s, d, rot, d ** -0.5, torch.get_num_threads())
     return out
 
 

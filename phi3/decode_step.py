@@ -9,8 +9,9 @@ up·silu(gate), down projection, residual. The embedding lookup, the final norm 
 in Python (once per token).
 
 It runs for dense Phi-3 models (`models/phi3.py`) whose four linears per layer are int4 / int8 on
-the native kernels, with fp32 activations and the fp16 KV cache, one new token per row written at
-the same slot (the generator's decode steps). Anything else takes the module path, which computes
+the native kernels, with fp32 activations and the fp16 KV cache, one new token per row, written at
+the same slot for all rows (the generator's decode steps) or at each row's own slot with a mask
+(the server's slots). Anything else takes the module path, which computes
 the same function (the norms and SwiGLU differ in float rounding only: see `tests/test_decode_step.py`).
 `PHI3_DECODE_STEP=0` turns the native step off.
 """
@@ -23,7 +24,7 @@ import os
 import torch
 
 from . import cpu_kernels
-from .layers import Attention, GatedMLP, KVCache, RMSNorm
+from .layers import Attention, GatedMLP, RMSNorm
 
 _p, _i = ctypes.c_void_p, ctypes.c_int
 
@@ -72,20 +73,25 @@ class DecodeStep:
         self.n_layers = len(layers)
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.hidden, self.intermediate, self.eps = cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps
-        self.max_len = cache.max_len
+        self.max_len = cache.layers[0].k.shape[2]
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                 start: int) -> torch.Tensor:
+                 start: int | torch.Tensor) -> torch.Tensor:
         """x fp32 [B, 1, D] (the embedded new tokens) -> the last layer's output [B, 1, D];
-        cos, sin [B, 1, 1, rot]; mask bool [B, 1, 1, start + 1] or None."""
+        cos, sin [B, 1, 1, rot]; `start` the slot of the new tokens: an int, or LongTensor [B] (a slot
+        per row, then `mask` is required); mask bool [B, 1, 1, max(start) + 1] or None."""
         b, rot = x.shape[0], cos.shape[-1]
+        starts = torch.full((b,), start, dtype=torch.int32) if isinstance(start, int) else start.to(torch.int32)
+        s = int(starts.max()) + 1
+        if not isinstance(start, int) and mask is None:
+            raise ValueError("a slot per row needs the attention mask (what each row may see)")
         x = x.contiguous().clone()
         cos, sin = cos.reshape(b, rot).contiguous(), sin.reshape(b, rot).contiguous()
-        valid = None if mask is None else mask.reshape(b, start + 1).contiguous()
+        valid = None if mask is None else mask.reshape(b, s).contiguous()
         cpu_kernels.library().phi3_decode_layers(
             x.data_ptr(), b, self.hidden, self.layers, self.n_layers, self.eps, self.heads, self.kv_heads,
-            self.head_dim, self.intermediate, cos.data_ptr(), sin.data_ptr(), rot, self.max_len, start,
-            None if valid is None else valid.data_ptr(), self.head_dim ** -0.5, torch.get_num_threads())
+            self.head_dim, self.intermediate, cos.data_ptr(), sin.data_ptr(), rot, self.max_len, starts.data_ptr(),
+            s, None if valid is None else valid.data_ptr(), self.head_dim ** -0.5, torch.get_num_threads())
         return x
 
 
@@ -104,7 +110,10 @@ def build(model, cache) -> DecodeStep | None:
     for layer, kv in zip(model.model.layers, cache.layers):
         if type(layer) is not DecoderLayer or type(layer.self_attn) is not Attention or type(layer.mlp) is not GatedMLP:
             return None
-        if type(kv) is not KVCache or kv.k.dtype != torch.float16 or not (kv.k.is_contiguous() and kv.v.is_contiguous()):
+        # a KVCache, or the server's view of some rows of its slots (same k, v buffers [B, KV, L, d])
+        k, v = getattr(kv, "k", None), getattr(kv, "v", None)
+        if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)) or k.dtype != torch.float16 \
+                or v.dtype != torch.float16 or k.shape != v.shape or not (k.is_contiguous() and v.is_contiguous()):
             return None
         ln1, ln2 = _norm_weight(layer.input_layernorm, cfg.rms_norm_eps), _norm_weight(layer.post_attention_layernorm,
                                                                                        cfg.rms_norm_eps)

@@ -537,18 +537,19 @@ static void store_f16(const float *x, int D, uint16_t *dst) {
 }
 
 /* One decode step of attention for B rows, straight from the fused projection: qkv fp32 [B, (H + 2·KV)·D]
- * ([Q | K | V] heads); cos, sin fp32 [B, rot] for each row's new position. The new key (rotated) and
- * value go into slot `start` of the fp16 caches k, v [B, KV, L, D]; each query head (rotated) then
- * attends over slots 0 .. start with `valid` uint8 [B, start + 1] or NULL; out fp32 [B, H·D].
+ * ([Q | K | V] heads); cos, sin fp32 [B, rot] for each row's new position. Row b's new key (rotated)
+ * and value go into slot starts[b] of the fp16 caches k, v [B, KV, L, D]; each query head (rotated)
+ * then attends over slots 0 .. S-1 with `valid` uint8 [B, S] (which must hide what a row may not
+ * see when the rows' slots differ) or NULL; out fp32 [B, H·D].
  * Replaces ~25 small tensor operations per layer (split, RoPE, transposes, cache writes, casts). */
 void phi3_decode_attend_f16(const float *qkv, const float *cos, const float *sin, uint16_t *k, uint16_t *v,
-                            const uint8_t *valid, float *out, int B, int H, int KV, int L, int start, int D, int rot,
-                            float scale, int nthreads) {
-    const int W = (H + 2 * KV) * D, S = start + 1, group = H / KV;
+                            const uint8_t *valid, float *out, int B, int H, int KV, int L, const int *starts, int S,
+                            int D, int rot, float scale, int nthreads) {
+    const int W = (H + 2 * KV) * D, group = H / KV;
     float tmp[MAX_HEAD_DIM];
     for (int b = 0; b < B; b++)
         for (int j = 0; j < KV; j++) {
-            const size_t slot = (((size_t)b * KV + j) * L + start) * D;
+            const size_t slot = (((size_t)b * KV + j) * L + starts[b]) * D;
             rope_head(qkv + (size_t)b * W + (size_t)(H + j) * D, cos + (size_t)b * rot, sin + (size_t)b * rot, rot, D, tmp);
             store_f16(tmp, D, k + slot);
             store_f16(qkv + (size_t)b * W + (size_t)(H + KV + j) * D, D, v + slot);
@@ -646,11 +647,11 @@ void phi3_swiglu(const float *gu, int M, int I, float *out) { swiglu_rows(gu, M,
 
 /* x fp32 [B, D] (one new token per row, the residual stream) through `n_layers` layers, in place.
  * H query heads and KV key/value heads of hd channels; intermediate size I; cos, sin fp32 [B, rot]
- * for each row's position; caches hold L slots, the new token goes to slot `start`; valid uint8
- * [B, start + 1] or NULL (see `phi3_decode_attend_f16`). */
+ * for each row's position; caches hold L slots, row b's new token goes to slot starts[b]; attention
+ * over slots 0 .. S-1 with valid uint8 [B, S] or NULL (see `phi3_decode_attend_f16`). */
 void phi3_decode_layers(float *x, int B, int D, const phi3_layer *layers, int n_layers, float eps, int H, int KV,
-                        int hd, int I, const float *cos, const float *sin, int rot, int L, int start,
-                        const uint8_t *valid, float scale, int nthreads) {
+                        int hd, int I, const float *cos, const float *sin, int rot, int L, const int *starts,
+                        int S, const uint8_t *valid, float scale, int nthreads) {
     const size_t W = (size_t)(H + 2 * KV) * hd;
     float *h = malloc(sizeof(float) * (size_t)B * (D + W + (size_t)H * hd + 3 * (size_t)I + D));
     float *qkv = h + (size_t)B * D, *att = qkv + (size_t)B * W, *gu = att + (size_t)B * H * hd;
@@ -659,7 +660,8 @@ void phi3_decode_layers(float *x, int B, int D, const phi3_layer *layers, int n_
         const phi3_layer *ly = layers + l;
         rms_norm_rows(x, ly->ln1, eps, B, D, h);
         linear_forward(&ly->qkv, h, B, qkv, nthreads);
-        phi3_decode_attend_f16(qkv, cos, sin, ly->k, ly->v, valid, att, B, H, KV, L, start, hd, rot, scale, nthreads);
+        phi3_decode_attend_f16(qkv, cos, sin, ly->k, ly->v, valid, att, B, H, KV, L, starts, S, hd, rot, scale,
+                               nthreads);
         linear_forward(&ly->o, att, B, y, nthreads);
         for (size_t i = 0; i < (size_t)B * D; i++) x[i] += y[i];
         rms_norm_rows(x, ly->ln2, eps, B, D, h);

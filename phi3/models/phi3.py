@@ -99,8 +99,9 @@ class Phi3ForCausalLM(nn.Module):
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids (packed documents) is for training, without a KV cache")
         mask = None if causal else attention_mask(positions, k_pos, window, segment_ids)
-        step = decode_step.for_cache(self, cache) if cache is not None and t == 1 and isinstance(start, int) else None
-        if step is not None:  # quantized decode: all layers in one native call
+        native = cache is not None and t == 1 and (isinstance(start, int) or mask is not None)
+        step = decode_step.for_cache(self, cache) if native else None
+        if step is not None:  # quantized decode: all layers in one native call (one slot, or a slot per row)
             x = step(x, cos, sin, mask, start)
         else:
             for i, layer in enumerate(self.model.layers):

@@ -210,3 +210,34 @@ def test_a_request_the_engine_cannot_start_fails_alone(lm4k):
     _run(engine)
     assert len(bad_events) == 1 and isinstance(bad_events[0], Exception)
     assert events[-1].finish_reason == "length" and len(good.output_ids) == 4
+
+
+def test_quantized_rows_decode_natively_each_at_its_own_slot(phi3_tok, monkeypatch):
+    """An int4 model in the engine: each decode step runs the native whole-stack step with a slot
+    per row (rows of different lengths, joining and leaving), and every request's greedy tokens
+    equal the generator's alone (whose decode runs the same native step at one shared slot)."""
+    from phi3 import cpu_kernels, decode_step
+    from phi3.quant import quantize_model
+
+    if cpu_kernels.library() is None:
+        pytest.skip("no native kernels on this CPU: the engine takes the module path (tested above)")
+    lm = _lm("phi-3-mini-4k-instruct", phi3_tok, original=64)
+    quantize_model(lm.model, bits=4, group_size=32)
+    per_row = []
+    real = decode_step.DecodeStep.__call__
+
+    def spy(self, x, cos, sin, mask, start):
+        if not isinstance(start, int):
+            per_row.append(start.tolist())
+        return real(self, x, cos, sin, mask, start)
+    monkeypatch.setattr(decode_step.DecodeStep, "__call__", spy)
+    prompts = [_prompt(20 + i, n) for i, n in enumerate([5, 17, 9, 30, 2])]
+    params = [SamplingParams(max_new_tokens=m) for m in [12, 20, 3, 15, 9]]
+    engine = Engine(lm, slots=3, slot_len=96)
+    reqs = [_req(p, q) for p, q in zip(prompts, params)]
+    for r in reqs:
+        engine.submit(r)
+    _run(engine)
+    assert per_row and any(len(set(s)) > 1 for s in per_row)  # rows at different slots in one step
+    for r, p, q in zip(reqs, prompts, params):
+        assert r.output_ids == _alone(lm, p, q)
