@@ -1,6 +1,7 @@
 """Weight-only quantization by module swap: int8 per output channel, int4 group-wise (scale + zero).
 
-Matmuls run on PyTorch's packed CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`).
+Matmuls run on phi3's native kernels (`cpu_kernels`, int8-rounded activations as llama.cpp) where
+they can, else on PyTorch's packed CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`).
 
 On disk (safetensors, HF tensor names, plus a `quantization` section in config.json):
   int8: `{linear}.qweight` int8 [out, in], `{linear}.scales` fp32 [out]           w = q · s
@@ -10,8 +11,9 @@ The int4 form is GGUF's Q4_1 (and Q4_0 is m = −8·s), so those blocks convert 
 repacked into the kernel's layout at load time, one layer at a time, so full-precision weights are
 never materialised.
 
-The packed kernels are fast only for bf16 activations (fp32 activations take a path ~30× slower),
-so the matmul runs in `compute_dtype` (bf16 by default) whatever the model's activation dtype.
+PyTorch's packed kernels are fast only for bf16 activations (fp32 activations take a path ~30×
+slower), so on that fallback the matmul runs in `compute_dtype` (bf16 by default) whatever the
+model's activation dtype.
 """
 
 from __future__ import annotations
