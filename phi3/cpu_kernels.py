@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import Phi3Error
+
 SOURCE = Path(__file__).parent / "csrc" / "qgemm_avx2.c"
 FLAGS = ["-O3", "-std=gnu11", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 ISA_FLAGS = {"avx2": [], "vnni": ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512vnni", "-DPHI3_VNNI"]}
@@ -60,10 +62,10 @@ def kernel_isa() -> str | None:
         return None
     forced = os.environ.get("PHI3_KERNEL_ISA")
     if forced not in (None, "", "auto", *ISA_FLAGS):
-        raise ValueError(f"PHI3_KERNEL_ISA={forced!r}: expected auto, avx2 or vnni")
+        raise Phi3Error(f"PHI3_KERNEL_ISA={forced!r}: expected auto, avx2 or vnni")
     vnni = {"avx512_vnni", "avx512vl", "avx512bw"} <= flags
     if forced == "vnni" and not vnni:
-        raise ValueError("PHI3_KERNEL_ISA=vnni: this CPU has no AVX-512 VNNI")
+        raise Phi3Error("PHI3_KERNEL_ISA=vnni: this CPU has no AVX-512 VNNI")
     return "avx2" if forced == "avx2" or not vnni else "vnni"
 
 
@@ -356,8 +358,8 @@ def attend_cache(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
         valid = mask.expand(b, 1, 1, s).reshape(b, s).contiguous()  # bool [B, S]
     out = torch.empty(b, h, 1, d)
     kernel = lib.phi3_attend_bf16 if k.dtype == torch.bfloat16 else lib.phi3_attend_f16
-    kernel(qf.data_ptr(), k.data_ptr(), v.data_ptr(), None if valid is None else valid.data_ptr(),
-                        out.data_ptr(), b, h, kv, length, s, d, d ** -0.5, torch.get_num_threads())
+    kernel(qf.data_ptr(), k.data_ptr(), v.data_ptr(), None if valid is None else valid.data_ptr(), out.data_ptr(),
+           b, h, kv, length, s, d, d ** -0.5, torch.get_num_threads())
     return out
 
 
@@ -399,6 +401,7 @@ def can_attend_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether `attend_cache` takes these tensors: one query, fp16 or bf16 cache views laid out as it
     expects."""
     d = q.shape[-1]
-    return (q.shape[2] == 1 and k.dtype == v.dtype and k.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and q.device.type == "cpu"
+    return (q.shape[2] == 1 and k.dtype == v.dtype and k.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0
+            and q.device.type == "cpu"
             and k.stride(3) == 1 and k.stride(2) == d and k.stride(1) % d == 0 and k.stride(0) == k.shape[1] * k.stride(1)
             and v.stride() == k.stride() and q.shape[1] % k.shape[1] == 0)

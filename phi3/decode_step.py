@@ -68,6 +68,7 @@ class DecodeStep:
 
     def __init__(self, model, cache, layers: list[_Layer]):
         self.model = model  # its weights stay alive while the step is in use (the cache holds the step)
+        self.parts, self.kv = _parts(model), _kv_buffers(cache)  # what the pointers were taken from
         self.layers = (_Layer * len(layers))(*layers)
         cfg = model.config
         self.n_layers = len(layers)
@@ -125,12 +126,41 @@ def build(model, cache) -> DecodeStep | None:
     return DecodeStep(model, cache, layers) if layers else None
 
 
+def _parts(model) -> tuple:
+    """The modules whose tensors a step reads, in order."""
+    out = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        out += [layer, layer.input_layernorm, layer.post_attention_layernorm, attn.qkv_proj, attn.o_proj,
+                mlp.gate_up_proj, mlp.down_proj]
+    return tuple(out)
+
+
+def _kv_buffers(cache) -> tuple:
+    """Where and how each layer's k, v buffers lie (the step writes through these pointers)."""
+    out = []
+    for kv in cache.layers:
+        k, v = getattr(kv, "k", None), getattr(kv, "v", None)
+        if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+            return ()
+        out.append((k.data_ptr(), v.data_ptr(), k.dtype, v.dtype, k.shape, v.shape, k.stride(), v.stride()))
+    return tuple(out)
+
+
 def for_cache(model, cache) -> DecodeStep | None:
-    """`build(model, cache)`, remembered on the cache (a generation's decode steps all use it)."""
+    """`build(model, cache)`, remembered on the cache (a generation's decode steps all use it) and
+    on the model: the server makes a new view of its slot rows every step, over the same buffers, so
+    the model's last step is reused when its modules and the k, v buffers are the same ones."""
     if os.environ.get("PHI3_DECODE_STEP", "1") in ("0", "false", "no"):
         return None
     step = getattr(cache, "_decode_step", False)
     if step is False or (step is not None and step.model is not model):
-        step = build(model, cache)
+        last = model.__dict__.get("_last_decode_step")
+        if last is not None and last.model is model and last.parts == _parts(model) and last.kv == _kv_buffers(cache):
+            step = last
+        else:
+            step = build(model, cache)
+            if step is not None:
+                model.__dict__["_last_decode_step"] = step
         cache._decode_step = step
     return step

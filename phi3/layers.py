@@ -246,8 +246,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     runs on the native kernel (PyTorch's CPU attention reads a bf16 cache at a fraction of memory
     speed); anything else goes to SDPA, an fp16 cache upcast first."""
     no_grad = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-    if k.dtype in (torch.float16, torch.bfloat16) and no_grad and (mask is None or mask.shape[1] == 1) \
-            and cpu_kernels.can_attend_cache(q, k, v):
+    if no_grad and (mask is None or mask.shape[1] == 1) and cpu_kernels.can_attend_cache(q, k, v):
         lib = cpu_kernels.library()
         if lib is not None:
             return cpu_kernels.attend_cache(lib, q, k, v, mask).to(q.dtype)

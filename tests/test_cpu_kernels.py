@@ -79,7 +79,8 @@ def test_kernel_isa_choice(monkeypatch):
     monkeypatch.setenv("PHI3_KERNEL_ISA", "avx2")
     assert cpu_kernels.kernel_isa() == "avx2"
     monkeypatch.setenv("PHI3_KERNEL_ISA", "sse9")
-    with pytest.raises(ValueError, match="PHI3_KERNEL_ISA='sse9'"):
+    from phi3.errors import Phi3Error
+    with pytest.raises(Phi3Error, match="PHI3_KERNEL_ISA='sse9'"):
         cpu_kernels.kernel_isa()
 
 

@@ -185,3 +185,24 @@ def test_it_declines_what_it_does_not_compute():
     assert decode_step.build(model, Cache(model, 1, 8)) is not None
     model.to(torch.bfloat16)
     assert decode_step.build(model, Cache(model, 1, 8)) is None  # bf16 activations
+
+
+def test_a_step_is_reused_only_over_the_same_modules_and_buffers():
+    """The server builds a new view of its slot rows each step: over the same k, v buffers and the
+    same modules the model's last step is reused; another cache, or a swapped module, gets a new one."""
+    from types import SimpleNamespace
+
+    model = quantized("phi-3-mini-4k-instruct")
+    cache = Cache(model, 2, 16)
+    first = decode_step.for_cache(model, cache)
+    assert first is not None
+    assert decode_step.for_cache(model, SimpleNamespace(layers=cache.layers)) is first  # a new view, same buffers
+    rows = SimpleNamespace(layers=[SimpleNamespace(k=kv.k[:1], v=kv.v[:1]) for kv in cache.layers])
+    assert decode_step.for_cache(model, rows) is not first  # other rows: other shapes
+    other = Cache(model, 2, 16)
+    before = decode_step.for_cache(model, other)
+    assert before is not first  # other buffers
+    mlp = model.model.layers[0].mlp
+    mlp.down_proj = Int8Linear.quantize(mlp.down_proj.dequantize())
+    swapped = decode_step.for_cache(model, SimpleNamespace(layers=other.layers))
+    assert swapped is not None and swapped is not before and mlp.down_proj in swapped.parts
