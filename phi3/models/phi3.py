@@ -11,8 +11,8 @@ from torch import nn
 
 from .. import decode_step
 from ..config import ModelConfig
-from ..layers import (Attention, GatedMLP, KVCache, RMSNorm, RotaryEmbedding, attention_mask, kv_cache_dtype,
-                      linear_cross_entropy)
+from ..layers import (Attention, GatedMLP, KVCache, RMSNorm, RotaryEmbedding, attention_mask, embedding,
+                      kv_cache_dtype, linear_cross_entropy)
 
 
 class DecoderLayer(nn.Module):
@@ -31,7 +31,7 @@ class DecoderLayer(nn.Module):
 class Phi3Model(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

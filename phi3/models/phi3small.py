@@ -17,7 +17,7 @@ from torch import nn
 from ..blocksparse import SparseKVCache, SparsePattern, blocksparse_prefill
 from ..config import ModelConfig, base_fields
 from ..errors import ConfigError
-from ..layers import KVCache, RotaryEmbedding, apply_rotary, attention_mask
+from ..layers import KVCache, RotaryEmbedding, apply_rotary, attention_mask, embedding
 
 # The released tokenizer's unused ids (spec §2.7), masked out of the logits.
 RELEASE_DUMMY_TOKENS = [100256, 100258, 100259, 100260, 100264, 100265] + list(range(100267, 100352))
@@ -207,7 +207,7 @@ class DecoderLayer(nn.Module):
 class Phi3SmallModel(nn.Module):
     def __init__(self, cfg: Phi3SmallConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import ModelConfig, base_fields, longrope_attention_factor
 from ..errors import ConfigError
-from ..layers import KVCache, RotaryEmbedding, apply_rotary, attention, attention_mask
+from ..layers import KVCache, RotaryEmbedding, apply_rotary, attention, attention_mask, embedding
 
 
 @dataclass
@@ -211,7 +211,7 @@ class DecoderLayer(nn.Module):
 class PhiMoEModel(nn.Module):
     def __init__(self, cfg: PhiMoEConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
