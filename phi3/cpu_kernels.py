@@ -151,6 +151,10 @@ def load_build(isa: str) -> ctypes.CDLL | None:
     lib.phi3_swiglu.restype = None
     lib.phi3_ggml_q4_nibbles.argtypes = [p, ctypes.c_long, i, i, p, i]
     lib.phi3_ggml_q4_nibbles.restype = None
+    lib.phi3_pack_int8.argtypes = [p, p, i, i, i, p, i]
+    lib.phi3_pack_int8.restype = None
+    lib.phi3_ggml_q8_0_split.argtypes = [p, ctypes.c_long, p, p, i]
+    lib.phi3_ggml_q8_0_split.restype = None
     return lib
 
 
@@ -208,7 +212,8 @@ def _fp16_by_row(b: torch.Tensor, n: int) -> torch.Tensor:
 
 def is_q4_0(scales: torch.Tensor, mins: torch.Tensor) -> bool:
     """Whether every min is −8·scale (GGUF's Q4_0): the weights then take the scale-only layout."""
-    return torch.equal(mins.to(torch.float16), (-8 * scales.float()).to(torch.float16))
+    scales = scales.to(torch.float16)
+    return torch.equal(mins.to(torch.float16), scales * -8)  # exact in fp16 (a power of two), as in fp32
 
 
 def _int4_head(symmetric: bool) -> int:
@@ -301,6 +306,26 @@ def pack_int8(q: torch.Tensor, scales: torch.Tensor | None, block: int) -> torch
     if scales is None:
         return qv.contiguous()
     return torch.cat((_fp16_by_block(scales, rows), qv), dim=-1)
+
+
+def pack_int8_native(lib, q: torch.Tensor, scales: torch.Tensor | None, block: int) -> torch.Tensor:
+    """`pack_int8` done by the C library (one pass; the tensor ops above take ~5 s for phi-3-mini)."""
+    n, k = q.shape
+    q = q.to(torch.int8).contiguous()
+    scales = None if scales is None else scales.to(torch.float16).contiguous()
+    out = torch.empty(_padded(n) // ROWS, k // block, (0 if scales is None else 16) + 8 * block, dtype=torch.uint8)
+    lib.phi3_pack_int8(q.data_ptr(), None if scales is None else scales.data_ptr(), n, k, block, out.data_ptr(),
+                       torch.get_num_threads())
+    return out
+
+
+def ggml_q8_0_split(lib, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GGUF Q8_0 blocks uint8 [rows, blocks, 34] (contiguous) -> (q int8 [rows, 32·blocks], d fp16 [rows, blocks])."""
+    rows, nb, _ = blocks.shape
+    q = torch.empty(rows, 32 * nb, dtype=torch.int8)
+    d = torch.empty(rows, nb, dtype=torch.float16)
+    lib.phi3_ggml_q8_0_split(blocks.data_ptr(), rows * nb, q.data_ptr(), d.data_ptr(), torch.get_num_threads())
+    return q, d
 
 
 def unpack_int8(packed: torch.Tensor, n: int, k: int, block: int, grouped: bool):

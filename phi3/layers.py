@@ -44,9 +44,12 @@ def use_native_bf16(model: nn.Module) -> int:
 
 
 def embedding(num_embeddings: int, embedding_dim: int) -> nn.Embedding:
-    """nn.Embedding with the same N(0, 1) init, drawn by torch.randn: on the meta device (where the
-    loaders build models) nn.Embedding's own `normal_` imports torch._dynamo (~1.4 s, ~80 MB)."""
-    return nn.Embedding(num_embeddings, embedding_dim, _weight=torch.randn(num_embeddings, embedding_dim))
+    """nn.Embedding with its N(0, 1) init, skipped on the meta device (where the loaders build models
+    whose values come next): there `normal_` and `randn` run Python decompositions that import
+    torch._dynamo and sympy (~1.4 s of start-up, ~80 MB resident)."""
+    shape = (num_embeddings, embedding_dim)
+    weight = torch.empty(shape) if torch.get_default_device().type == "meta" else torch.randn(shape)
+    return nn.Embedding(num_embeddings, embedding_dim, _weight=weight)
 
 
 class RMSNorm(nn.Module):

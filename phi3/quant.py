@@ -53,8 +53,7 @@ class Int8Linear(nn.Module):
         self._block = cpu_kernels.int8_block(self.in_features, self.group_size)
         if self._lib is not None and self._block is not None:
             grouped = self.group_size is not None
-            packed = _by_rows(lambda lo, hi: cpu_kernels.pack_int8(
-                qweight[lo:hi], scales[lo:hi] if grouped else None, self._block), self.out_features)
+            packed = cpu_kernels.pack_int8_native(self._lib, qweight, scales if grouped else None, self._block)
             self.register_buffer("packed", packed, persistent=False)  # [out/8, in/block, ...] bytes
             self._scales = None if grouped else scales.float()  # fp32 [out]
             self._row_scales = None if grouped else cpu_kernels.pad_rows(self._scales)  # fp32 [out8]

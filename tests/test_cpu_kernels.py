@@ -131,6 +131,7 @@ def test_int8_kernel_equals_emulation(n, k, group, m):
     scales = torch.rand(n, k // block, generator=g).half() if group else None
     row_scales = None if group else torch.rand(n, generator=g)
     packed = cpu_kernels.pack_int8(q, scales, block)
+    assert torch.equal(cpu_kernels.pack_int8_native(lib, q, scales, block), packed)  # the C packer, same bytes
     q2, s2 = cpu_kernels.unpack_int8(packed, n, k, block, grouped=group is not None)
     assert torch.equal(q2, q) and (s2 is None if group is None else torch.equal(s2, scales))
 

@@ -260,6 +260,13 @@ void phi3_int8_matmul(const float *x, int M, int K, const uint8_t *W, int N, int
 /* The int4 layout above from the portable one: qw uint8 [N, K/2] (low nibble = even column),
  * scales / mins fp16 [N, K/G]; out gets ceil(N/8)·(K/G)·(32 + 4·G) bytes, padding rows zero.
  * mins NULL: the scale-only layout (16 + 4·G bytes; the caller has checked min = −8·scale). */
+/* bytes b0 b1 b2 b3 -> b0 0 b1 0 b2 0 b3 0 */
+static inline uint64_t spread_bytes(uint32_t v) {
+    uint64_t x = v;
+    x = (x | x << 16) & 0x0000FFFF0000FFFFull;
+    return (x | x << 8) & 0x00FF00FF00FF00FFull;
+}
+
 void phi3_pack_int4(const uint8_t *qw, const uint16_t *scales, const uint16_t *mins, int N, int K, int G,
                     uint8_t *out, int nthreads) {
     const int ng = K / G, nrb = (N + 7) / 8;
@@ -275,19 +282,61 @@ void phi3_pack_int4(const uint8_t *qw, const uint16_t *scales, const uint16_t *m
                 sm[8 + i] = n < N && mins ? mins[(size_t)n * ng + g] : 0;
             }
             memcpy(o, sm, head);
-            for (int c = 0; c < G / 8; c++) {
-                for (int i = 0; i < 8; i++) {
-                    const int n = rb * 8 + i;
+            for (int i = 0; i < 8; i++) {
+                const int n = rb * 8 + i;
+                const uint8_t *src = qw + (size_t)n * row + (size_t)g * G / 2;
+                for (int c = 0; c < G / 8; c++) {
                     uint8_t *dst = o + head + 32 * c + 4 * i;
                     if (n >= N) { memset(dst, 0, 4); continue; }
-                    /* 8 inputs k0 .. k0 + 7 are 4 source bytes: (k0, k0+1), (k0+2, k0+3), ... */
-                    const uint8_t *src = qw + (size_t)n * row + ((size_t)g * G + 8 * c) / 2;
-                    uint8_t q[8];
-                    for (int j = 0; j < 4; j++) { q[2 * j] = src[j] & 15; q[2 * j + 1] = src[j] >> 4; }
-                    for (int b = 0; b < 4; b++) dst[b] = (uint8_t)(q[b] | (q[4 + b] << 4));
+                    /* inputs k0 .. k0+7 are the 4 source bytes (k0 | k1<<4, k2 | k3<<4, ...); the
+                     * kernel wants (k0 | k4<<4, k1 | k5<<4, k2 | k6<<4, k3 | k7<<4): spread the
+                     * low nibbles l and high nibbles h to bytes l0 h0 l1 h1 l2 h2 l3 h3, then fold
+                     * the upper four bytes onto the lower four, shifted up a nibble. */
+                    uint32_t w, r;
+                    memcpy(&w, src + 4 * c, 4);
+                    const uint64_t x = spread_bytes(w & 0x0F0F0F0Fu) | spread_bytes((w >> 4) & 0x0F0F0F0Fu) << 8;
+                    r = (uint32_t)x | (uint32_t)(x >> 32) << 4;
+                    memcpy(dst, &r, 4);
                 }
             }
         }
+    }
+}
+
+/* `pack_int8` (cpu_kernels.py) in C: q int8 [N, K] -> [N8/8][K/B][head + 8·B] bytes, head = the
+ * 8 rows' fp16 scales of the group (16 bytes) when `scales` [N, K/B] is given, none per channel;
+ * then for each 4 inputs c the 8 rows' 4 bytes. Padding rows are zero. */
+void phi3_pack_int8(const int8_t *q, const uint16_t *scales, int N, int K, int B, uint8_t *out, int nthreads) {
+    const int ng = K / B, nrb = (N + 7) / 8;
+    const size_t head = scales ? 16 : 0, gbytes = head + 8 * (size_t)B;
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int rb = 0; rb < nrb; rb++) {
+        for (int g = 0; g < ng; g++) {
+            uint8_t *o = out + ((size_t)rb * ng + g) * gbytes;
+            if (scales) {
+                uint16_t s[8];
+                for (int i = 0; i < 8; i++) s[i] = rb * 8 + i < N ? scales[(size_t)(rb * 8 + i) * ng + g] : 0;
+                memcpy(o, s, 16);
+            }
+            for (int i = 0; i < 8; i++) {
+                const int n = rb * 8 + i;
+                const int8_t *src = q + (size_t)n * K + (size_t)g * B;
+                for (int c = 0; c < B / 4; c++) {
+                    uint8_t *dst = o + head + 32 * c + 4 * i;
+                    if (n < N) memcpy(dst, src + 4 * c, 4);
+                    else memset(dst, 0, 4);
+                }
+            }
+        }
+    }
+}
+
+/* GGUF Q8_0 blocks (fp16 d, 32 int8) -> q int8 [nblocks·32] and d fp16 [nblocks], in file order. */
+void phi3_ggml_q8_0_split(const uint8_t *blocks, long nblocks, int8_t *q, uint16_t *d, int nthreads) {
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (long b = 0; b < nblocks; b++) {
+        memcpy(d + b, blocks + (size_t)b * 34, 2);
+        memcpy(q + (size_t)b * 32, blocks + (size_t)b * 34 + 2, 32);
     }
 }
 
