@@ -212,8 +212,7 @@ def _fp16_by_row(b: torch.Tensor, n: int) -> torch.Tensor:
 
 def is_q4_0(scales: torch.Tensor, mins: torch.Tensor) -> bool:
     """Whether every min is −8·scale (GGUF's Q4_0): the weights then take the scale-only layout."""
-    scales = scales.to(torch.float16)
-    return torch.equal(mins.to(torch.float16), scales * -8)  # exact in fp16 (a power of two), as in fp32
+    return torch.equal(mins.to(torch.float16), scales.to(torch.float16) * -8)  # exact in fp16, as in fp32
 
 
 def _int4_head(symmetric: bool) -> int:

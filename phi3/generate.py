@@ -105,7 +105,8 @@ def _check_context(model, prompts: list[list[int]], max_new_tokens: int) -> int:
     return min(max_new_tokens, context - longest)
 
 
-PREFILL_CHUNK = 512  # tokens per prefill call: bounds activation memory (T×T scores, MLP) on long prompts
+PREFILL_CHUNK = 256  # tokens per prefill call: bounds activation memory (T×T scores, MLP) on long prompts;
+# 256 rather than 512: ~0.1 GB less peak RSS for phi-3-mini int4, prefill speed unchanged (measured)
 
 
 def prefill(model, ids: torch.Tensor, pos: torch.Tensor, cache, seq_len: int,

@@ -231,31 +231,37 @@ def unpack_nibbles(packed: torch.Tensor, dtype: torch.dtype = torch.int32) -> to
     return torch.stack((low, high), dim=-1).view(packed.shape[0], -1).to(dtype)
 
 
+def q4_0_mins(scales: torch.Tensor) -> torch.Tensor:
+    """The mins of Q4_0 weights (w = d·(q − 8)): −8·scale, fp16 [out, in/group]."""
+    return scales.to(torch.float16) * -8
+
+
 class Int4Linear(nn.Module):
     """Group-wise int4, w = q·scale + min. The weights are held once, in the layout of the kernel that
     runs them: phi3's native AVX2 kernel (`cpu_kernels`, scales and mins inline) where it can run,
     else PyTorch's `_weight_int4pack_mm_for_cpu`. The file layout is rebuilt from it when saving."""
 
-    STORED = ("qweight", "scales", "mins")
+    STORED = ("qweight", "scales", "mins")  # mins None (GGUF Q4_0 in memory): −8·scale, implied
     compute_dtype = COMPUTE_DTYPE
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, group_size: int,
                  bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = qweight.shape[0], qweight.shape[1] * 2
         self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)  # kept as is [out]
         self.group_size = group_size
-        scales, mins = scales.to(torch.float16), mins.to(torch.float16)  # [out, in/group]
+        scales = scales.to(torch.float16)  # [out, in/group]
         self._lib = cpu_kernels.library()
         if self._lib is not None:
             # Q4_0 weights (min = −8·scale) take the scale-only layout: 4.5 instead of 5 bits a weight
-            symmetric = cpu_kernels.is_q4_0(scales, mins)
-            packed = cpu_kernels.pack_int4_nibbles(self._lib, qweight, scales, None if symmetric else mins, group_size)
+            symmetric = mins is None or cpu_kernels.is_q4_0(scales, mins)
+            mins = None if symmetric else mins.to(torch.float16)
+            packed = cpu_kernels.pack_int4_nibbles(self._lib, qweight, scales, mins, group_size)
             # [out/8, groups, 32 (16 scale-only) + 4·group] bytes
             self.register_buffer("packed", packed, persistent=False)
             self._qweight = self._scales = self._mins = None
             return
-        self._scales, self._mins = scales, mins
+        self._scales, self._mins = scales, q4_0_mins(scales) if mins is None else mins.to(torch.float16)
         packed = kernel_pack_int4(lambda lo, hi: unpack_nibbles(qweight[lo:hi]), self.out_features)
         self.register_buffer("packed", packed, persistent=False)
         # kept in the file layout only where the torch kernel's layout cannot be inverted
@@ -389,9 +395,9 @@ class Int4Embedding(_QuantizedEmbedding):
     """Embedding table in group-wise int4 with the int4 linear's file layout (w = q·s + m per group):
     GGUF's Q4_0/Q4_1 token embeddings load into it unchanged; rows are dequantized as they are looked up."""
 
-    STORED = ("qweight", "scales", "mins")
+    STORED = ("qweight", "scales", "mins")  # mins None: Q4_0, as Int4Linear
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
                  dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         self.num_embeddings, self.embedding_dim = qweight.shape[0], qweight.shape[1] * 2
@@ -399,6 +405,7 @@ class Int4Embedding(_QuantizedEmbedding):
         self.dtype = dtype
         self.register_buffer("qweight", qweight, persistent=False)  # uint8 [vocab, hidden/2]
         self.register_buffer("scales", scales.half(), persistent=False)  # fp16 [vocab, hidden/group]
+        mins = q4_0_mins(scales) if mins is None else mins
         self.register_buffer("mins", mins.half(), persistent=False)  # fp16 [vocab, hidden/group]
 
     @classmethod

@@ -56,7 +56,11 @@ def test_native_parts_are_exactly_the_gguf_values(qtype, native, monkeypatch):
     if not native:  # the nibble shuffle through tensor ops (the C one where the library runs)
         bits, parts = native_parts(t)
         monkeypatch.setattr(cpu_kernels, "library", lambda: None)
-        assert all(torch.equal(a, b) for a, b in zip(parts.values(), native_parts(t)[1].values()))
+        again = native_parts(t)[1]
+        assert parts.keys() == again.keys()
+        assert all(torch.equal(parts[k], again[k]) for k in parts if parts[k] is not None)
+        # Q4_0's mins are implied (−8·scale), not held while loading
+        assert (parts.get("mins", 0) is None) == (again.get("mins", 0) is None) == (qtype == QT.Q4_0)
         return
     if qtype == QT.Q8_0:
         layer = Int8Linear.from_stored(native_int8(t))
@@ -218,3 +222,17 @@ def test_cli_convert_to_gguf(default_gguf, tmp_path, capsys):
     lm = phi3.load(out)
     assert isinstance(lm.model.model.layers[0].self_attn.qkv_proj, Int8Linear)
     assert lm.chat("What is the capital of France?", max_new_tokens=12).strip()
+
+
+def test_q4_0_beside_q4_1_fuses_with_its_implied_mins():
+    """A llama-layout file with gate in Q4_0 (mins implied) and up in Q4_1: the fused gate_up keeps
+    both exactly, quantized."""
+    from phi3.gguf import _fuse_quantized
+    gate, up = _tensor(QT.Q4_0, torch.randn(32, 64)), _tensor(QT.Q4_1, torch.randn(48, 64))
+    quant = {"model.layers.0.mlp.gate_proj": native_parts(gate), "model.layers.0.mlp.up_proj": native_parts(up)}
+    assert quant["model.layers.0.mlp.gate_proj"][1]["mins"] is None
+    _fuse_quantized(None, {}, quant)
+    bits, parts = quant.pop("model.layers.0.mlp.gate_up_proj")
+    assert bits == 4 and not quant
+    fused = Int4Linear.from_stored(parts, 32)
+    assert torch.equal(fused.dequantize(), torch.cat((dequantize(gate), dequantize(up))))
