@@ -11,7 +11,7 @@ Traffic goes to 127.0.0.1 only, and every loop is bounded in time.
     .venv/bin/python bench/serve_load.py --only phi3 --seconds 20
 
 llama.cpp's server needs `llama-cpp-python[server]` built from source in its own virtualenv
-(`make bench-llama-venv`, several minutes); --llama-python points at its interpreter.
+(`make bench-serve` builds it, several minutes); --llama-python points at its interpreter.
 """
 
 from __future__ import annotations
