@@ -130,7 +130,7 @@ def load_build(isa: str) -> ctypes.CDLL | None:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.phi3_int4_matmul.argtypes = [p, i, i, p, i, i, p, i, i, i]
     lib.phi3_int4_matmul.restype = None
-    lib.phi3_int8_matmul.argtypes = [p, i, i, p, i, i, p, p, i]
+    lib.phi3_int8_matmul.argtypes = [p, i, i, p, i, i, p, p, i, i]
     lib.phi3_int8_matmul.restype = None
     lib.phi3_bf16_matmul.argtypes = [p, i, i, p, i, p, i]
     lib.phi3_bf16_matmul.restype = None
@@ -170,7 +170,7 @@ def library() -> ctypes.CDLL | None:
 
 
 def activation_levels(in_features: int) -> int:
-    """How the int4 kernel rounds activations. 1: int8 blocks exactly as llama.cpp's Q8_0. 2: the
+    """How the int4 and int8 kernels round activations. 1: int8 blocks exactly as llama.cpp's Q8_0. 2: the
     rounding error quantized again (x ≈ d·(q + q2/200)), close to exact activations, at twice the
     integer work (prefill half as fast, decode ~20 % slower). Default: 2 for layers narrower than
     2048 inputs — small models, where the noise shows (the embedded 135M model's greedy answers
@@ -348,7 +348,7 @@ def int8_matmul(lib, x: torch.Tensor, packed: torch.Tensor, n: int, block: int,
     y = torch.empty(m, rows)
     lib.phi3_int8_matmul(x.data_ptr(), m, k, packed.data_ptr(), rows, block,
                          None if row_scales is None else row_scales.data_ptr(), y.data_ptr(),
-                         torch.get_num_threads())
+                         torch.get_num_threads(), activation_levels(k))
     return y if rows == n else y[:, :n]
 
 

@@ -53,7 +53,7 @@ def _linear(m) -> _Linear | None:
         sym = int(cpu_kernels.int4_is_symmetric(m.packed, m.group_size))
         return _Linear(m.packed.data_ptr(), None, bias, 4, m.out_features, m.in_features, m.group_size, sym, levels)
     row_scale = None if m._row_scales is None else m._row_scales.data_ptr()
-    return _Linear(m.packed.data_ptr(), row_scale, bias, 8, m.out_features, m.in_features, m._block, 0, 1)
+    return _Linear(m.packed.data_ptr(), row_scale, bias, 8, m.out_features, m.in_features, m._block, 0, levels)
 
 
 def _norm_weight(m, eps: float) -> int | None:

@@ -171,10 +171,15 @@ def test_auto_dtype_is_fp32_for_small_models_and_for_mostly_quantized_checkpoint
 
 
 def test_dense_parameters_of_a_gguf_counts_what_loads_dense(default_gguf):
-    """The embedded SmolLM2 GGUF: Q4/Q8 layers load quantized; its Q8_0 token table is tied to the
-    head, so it loads dense, as do the norms."""
+    """The embedded SmolLM2 GGUF: Q4/Q8 layers load quantized, and so does its Q8_0 token table
+    (tied to the head: a quantized embedding and a quantized head of the same blocks); only the
+    norms load dense."""
+    import phi3
     from phi3.gguf import dense_parameters, read_gguf
+    from phi3.quant import Int8Embedding, Int8Linear
     f = read_gguf(default_gguf)
-    table = 49152 * 576
     norms = 576 * (2 * 30 + 1)
-    assert dense_parameters(f) == table + norms
+    assert dense_parameters(f) == norms
+    model = phi3.load(default_gguf).model
+    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.model.embed_tokens, Int8Embedding)
+    assert torch.equal(model.lm_head.dequantize(), model.model.embed_tokens.dequantize())

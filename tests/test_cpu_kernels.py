@@ -92,8 +92,8 @@ has_vnni = {"avx512_vnni", "avx512vl", "avx512bw"} <= cpu_kernels._cpu_flags()
 @pytest.mark.parametrize("levels", [1, 2])
 def test_vnni_build_gives_the_avx2_builds_numbers_exactly(levels, monkeypatch):
     """The VNNI build sums the same integers with vpdpbusd: identical outputs, bit for bit, for int4
-    (Q4_0 scale-only and scale+min layouts, one and two activation levels) and int8 (grouped and
-    per-channel), extreme weights (q 0/15, int8 −128) and activations (outliers) included, at every
+    (Q4_0 scale-only and scale+min layouts) and int8 (grouped and per-channel), one and two
+    activation levels, extreme weights (q 0/15, int8 −128) and activations (outliers) included, at every
     token count the kernels tile differently (1..9)."""
     monkeypatch.setenv("PHI3_ACTIVATION_LEVELS", str(levels))
     builds = [cpu_kernels.load_build("avx2"), cpu_kernels.load_build("vnni")]
@@ -123,8 +123,10 @@ def test_vnni_build_gives_the_avx2_builds_numbers_exactly(levels, monkeypatch):
 
 
 @needs_native
+@pytest.mark.parametrize("levels", [1, 2])
 @pytest.mark.parametrize("n,k,group,m", [(40, 64, 32, 1), (37, 128, None, 5), (64, 96, 32, 6), (16, 64, None, 9)])
-def test_int8_kernel_equals_emulation(n, k, group, m):
+def test_int8_kernel_equals_emulation(n, k, group, m, levels, monkeypatch):
+    monkeypatch.setenv("PHI3_ACTIVATION_LEVELS", str(levels))
     g = torch.Generator().manual_seed(n)
     q = torch.randint(-128, 128, (n, k), generator=g).to(torch.int8)  # −128 included: |w| must not overflow
     block = cpu_kernels.int8_block(k, group)
@@ -138,7 +140,7 @@ def test_int8_kernel_equals_emulation(n, k, group, m):
     x = torch.randn(m, k, generator=g)
     w_scales = scales.double() if group else row_scales.double()[:, None].expand(n, k // block)
     w = q.double().view(n, k // block, block) * w_scales[..., None]
-    expected = quantized_activations(x, block) @ w.view(n, k).T
+    expected = quantized_activations(x, block, levels) @ w.view(n, k).T
     got = cpu_kernels.int8_matmul(lib, x, packed, n, block,
                                   None if group else cpu_kernels.pad_rows(row_scales))
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4 * expected.abs().max().item())

@@ -103,11 +103,13 @@ def test_requantized_types_are_converted_in_row_blocks(qtype, monkeypatch):
 
 
 def test_quantized_gguf_stays_quantized(default_gguf):
-    """SmolLM2 (Q4_1 linears, Q8_0 tied embedding): int4 modules, same greedy answer as the dense model."""
+    """SmolLM2 (Q4_1 linears, Q8_0 tied embedding): int4 modules, an int8 table and head of the very
+    Q8_0 blocks, same greedy answer as the dense model."""
     dense, native = phi3.load(default_gguf, dequantize=True), phi3.load(default_gguf)
     layer = native.model.model.layers[0]
     assert isinstance(layer.self_attn.qkv_proj, Int4Linear) and isinstance(layer.mlp.down_proj, Int4Linear)
-    assert isinstance(native.model.model.embed_tokens, torch.nn.Embedding)  # tied head stays dense
+    assert isinstance(native.model.model.embed_tokens, Int8Embedding) and isinstance(native.model.lm_head, Int8Linear)
+    assert torch.equal(native.model.lm_head.dequantize(), dense.model.lm_head.weight)
     for name in ("self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj"):  # unpermuted + fused, exactly
         assert torch.equal(layer.get_submodule(name).dequantize(), dense.model.model.layers[0].get_submodule(name).weight)
     ids = torch.tensor([native.encode("The capital of France is")])

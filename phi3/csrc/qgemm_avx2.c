@@ -194,11 +194,14 @@ void phi3_int4_matmul(const float *x, int M, int K, const uint8_t *W, int N, int
     free(sq);
 }
 
-/* int8: rows [rb·8, rb·8 + 8) for tokens [m0, m0 + MT); `grouped`: fp16 scales inline, else 1 */
-ALWAYS_INLINE void int8_block(const uint8_t *W, int ng, int G, int grouped, const int8_t *qx, const float *dx,
-                              int K, int m0, float *y, int ldy, int rb, const int MT) {
+/* int8: rows [rb·8, rb·8 + 8) for tokens [m0, m0 + MT); `grouped`: fp16 scales inline, else 1;
+ * with qx2 (LEVELS 2) the second rounding level of the activations beside the first, as int4's */
+ALWAYS_INLINE void int8_block(const uint8_t *W, int ng, int G, int grouped, const int8_t *qx, const int8_t *qx2,
+                              const float *dx, int K, int m0, float *y, int ldy, int rb, const int MT,
+                              const int LEVELS) {
     const __m256i ones = _mm256_set1_epi16(1);
     (void)ones;
+    const __m256 inv_res = _mm256_set1_ps(1.f / RESIDUAL);
     const size_t gbytes = (grouped ? 16 : 0) + 8 * (size_t)G;
     __m256 acc[4];
     for (int t = 0; t < MT; t++) acc[t] = _mm256_setzero_ps();
@@ -206,44 +209,56 @@ ALWAYS_INLINE void int8_block(const uint8_t *W, int ng, int G, int grouped, cons
     for (int g = 0; g < ng; g++, p += gbytes) {
         const __m256 scale = grouped ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)) : _mm256_set1_ps(1.f);
         const uint8_t *wq = p + (grouped ? 16 : 0);
-        __m256i isum[4];
-        for (int t = 0; t < MT; t++) isum[t] = _mm256_setzero_si256();
+        __m256i isum[4], isum2[4];
+        for (int t = 0; t < MT; t++) isum[t] = isum2[t] = _mm256_setzero_si256();
         for (int c = 0; c < G / 4; c++) {
             const __m256i v = _mm256_loadu_si256((const __m256i *)(wq + 32 * c));
             const __m256i av = _mm256_sign_epi8(v, v);  /* |w| as unsigned bytes */
             const size_t k = (size_t)g * G + 4 * c;
             for (int t = 0; t < MT; t++) {
                 const __m256i xs = _mm256_sign_epi8(bcast4(qx + (size_t)(m0 + t) * K + k), v);  /* x·sign(w) */
+                const __m256i rs = LEVELS == 2 ? _mm256_sign_epi8(bcast4(qx2 + (size_t)(m0 + t) * K + k), v) : xs;
 #ifdef PHI3_VNNI
                 isum[t] = _mm256_dpbusd_epi32(isum[t], av, xs);
-#else  /* |w| <= 128, |x| <= 127: a pair sums to at most 32512, no int16 saturation */
+                if (LEVELS == 2) isum2[t] = _mm256_dpbusd_epi32(isum2[t], av, rs);
+#else  /* |w| <= 128, |x| <= 127: a pair sums to at most 32512, no int16 saturation (q2 alike) */
                 isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(_mm256_maddubs_epi16(av, xs), ones));
+                if (LEVELS == 2)
+                    isum2[t] = _mm256_add_epi32(isum2[t], _mm256_madd_epi16(_mm256_maddubs_epi16(av, rs), ones));
 #endif
             }
         }
         for (int t = 0; t < MT; t++) {
             const float d = dx[(size_t)(m0 + t) * (K / G) + g];
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_mul_ps(scale, _mm256_set1_ps(d)), acc[t]);
+            __m256 f = _mm256_cvtepi32_ps(isum[t]);
+            if (LEVELS == 2) f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum2[t]), inv_res, f);
+            acc[t] = _mm256_fmadd_ps(f, _mm256_mul_ps(scale, _mm256_set1_ps(d)), acc[t]);
         }
     }
     for (int t = 0; t < MT; t++) _mm256_storeu_ps(y + (size_t)(m0 + t) * ldy + 8 * (size_t)rb, acc[t]);
 }
 
-/* x fp32 [M, K] · W (int8 layout above) -> y fp32 [M, N]; row_scale fp32 [N] or NULL (grouped) */
+/* x fp32 [M, K] · W (int8 layout above) -> y fp32 [M, N]; row_scale fp32 [N] or NULL (grouped);
+ * `levels` of activation rounding as phi3_int4_matmul's */
 void phi3_int8_matmul(const float *x, int M, int K, const uint8_t *W, int N, int G, const float *row_scale,
-                      float *y, int nthreads) {
+                      float *y, int nthreads, int levels) {
     int ng = K / G, nrb = N / 8, grouped = row_scale == NULL;
-    int8_t *qx = malloc((size_t)M * K);
+    int8_t *qx = malloc((size_t)M * K * (levels == 2 ? 2 : 1)), *qx2 = levels == 2 ? qx + (size_t)M * K : NULL;
     float *dx = malloc(sizeof(float) * (size_t)M * ng * 2), *sx = dx + (size_t)M * ng;
-    quantize_rows(x, M, K, G, qx, NULL, dx, sx, NULL);
+    quantize_rows(x, M, K, G, qx, qx2, dx, sx, NULL);
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int rb = 0; rb < nrb; rb++) {
         int m0 = 0;
-        for (; m0 + 4 <= M; m0 += 4) int8_block(W, ng, G, grouped, qx, dx, K, m0, y, N, rb, 4);
-        switch (M - m0) {
-            case 3: int8_block(W, ng, G, grouped, qx, dx, K, m0, y, N, rb, 3); break;
-            case 2: int8_block(W, ng, G, grouped, qx, dx, K, m0, y, N, rb, 2); break;
-            case 1: int8_block(W, ng, G, grouped, qx, dx, K, m0, y, N, rb, 1); break;
+        if (qx2) {
+            for (; m0 + 2 <= M; m0 += 2) int8_block(W, ng, G, grouped, qx, qx2, dx, K, m0, y, N, rb, 2, 2);
+            if (m0 < M) int8_block(W, ng, G, grouped, qx, qx2, dx, K, m0, y, N, rb, 1, 2);
+        } else {
+            for (; m0 + 4 <= M; m0 += 4) int8_block(W, ng, G, grouped, qx, NULL, dx, K, m0, y, N, rb, 4, 1);
+            switch (M - m0) {
+                case 3: int8_block(W, ng, G, grouped, qx, NULL, dx, K, m0, y, N, rb, 3, 1); break;
+                case 2: int8_block(W, ng, G, grouped, qx, NULL, dx, K, m0, y, N, rb, 2, 1); break;
+                case 1: int8_block(W, ng, G, grouped, qx, NULL, dx, K, m0, y, N, rb, 1, 1); break;
+            }
         }
         if (!grouped) {
             const __m256 rs = _mm256_loadu_ps(row_scale + 8 * (size_t)rb);
@@ -640,7 +655,7 @@ typedef struct {
     const float *bias;        /* fp32 [N] or NULL */
     int bits;                 /* 4 or 8 */
     int N, K, G;              /* outputs (a multiple of 8), inputs, group / block of inputs */
-    int symmetric, levels;    /* int4: scale-only layout; activation rounding levels (1 or 2) */
+    int symmetric, levels;    /* int4: scale-only layout; activation rounding levels (1 or 2), both kinds */
 } phi3_linear;
 
 typedef struct {
@@ -651,7 +666,7 @@ typedef struct {
 
 static void linear_forward(const phi3_linear *l, const float *x, int M, float *y, int nthreads) {
     if (l->bits == 4) phi3_int4_matmul(x, M, l->K, l->packed, l->N, l->G, y, nthreads, l->levels, l->symmetric);
-    else phi3_int8_matmul(x, M, l->K, l->packed, l->N, l->G, l->row_scale, y, nthreads);
+    else phi3_int8_matmul(x, M, l->K, l->packed, l->N, l->G, l->row_scale, y, nthreads, l->levels);
     if (l->bias)
         for (int m = 0; m < M; m++)
             for (int n = 0; n < l->N; n++) y[(size_t)m * l->N + n] += l->bias[n];
