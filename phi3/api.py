@@ -127,18 +127,27 @@ def tokenizer_for_dir(path: Path, cfg: ModelConfig):
 
 
 def load(model: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
-         dequantize: bool = False) -> LanguageModel:
+         dequantize: bool = False, quantize: int | None = None, group_size: int = 64) -> LanguageModel:
     """Load a model and its tokenizer: HF directory, GGUF file, Hub id, or the default model (None).
 
     A quantized GGUF keeps its quantized linears (int4/int8 kernels) unless `dequantize=True`,
-    which gives the full-precision model that `transformers` would build from the same file."""
+    which gives the full-precision model that `transformers` would build from the same file.
+    `quantize` (4 or 8) quantizes a full-precision model as it loads (`quant.quantize_on_load`:
+    the model `phi3 quantize --bits B --group-size G` and a reload would give), no file written."""
+    if quantize:
+        from .quant import check_quant_args
+        check_quant_args(quantize, group_size)  # before any loading
     path = resolve(model)
     if path.is_dir():
-        model = load_hf_checkpoint(path, dtype)
-        return LanguageModel(model, tokenizer_for_dir(path, model.config), str(path))
-    if not is_gguf_file(path):
+        net = load_hf_checkpoint(path, None if quantize else dtype)
+        tok = tokenizer_for_dir(path, net.config)
+    elif not is_gguf_file(path):
         raise CheckpointError(f"{path}: not a GGUF file (bad magic) and not an HF model directory")
-    net, tok = load_gguf_model(path, dtype, dequantize)
+    else:
+        net, tok = load_gguf_model(path, None if quantize else dtype, dequantize)
+    if quantize:
+        from .quant import quantize_on_load
+        quantize_on_load(net, quantize, group_size, dtype)
     return LanguageModel(net, tok, str(path))
 
 

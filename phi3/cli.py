@@ -15,6 +15,10 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (auto: fp32 below 2B parameters)")
     p.add_argument("--dequantize", action="store_true",
                    help="load a quantized GGUF in full precision (default: keep its int4/int8 weights)")
+    p.add_argument("--quantize", type=int, choices=[4, 8], default=None,
+                   help="quantize a full-precision model as it loads: int4 or int8 linears, int8 head "
+                        "(as `phi3 quantize` would, without writing a file)")
+    p.add_argument("--group-size", type=int, default=64, help="int4 group size for --quantize (32, 64 or 128)")
 
 
 def _add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -36,7 +40,8 @@ def _sampling(args) -> dict:
 
 def _load(args):
     from .api import load
-    return load(args.model, None if args.dtype == "auto" else args.dtype, dequantize=args.dequantize)
+    return load(args.model, None if args.dtype == "auto" else args.dtype, dequantize=args.dequantize,
+                quantize=args.quantize, group_size=args.group_size)
 
 
 def _print_stream(chunks) -> str:

@@ -483,6 +483,27 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, head_b
     return model
 
 
+def quantize_on_load(model: nn.Module, bits: int, group_size: int = 64,
+                     dtype: str | torch.dtype | None = None) -> nn.Module:
+    """A just-loaded full-precision model as `phi3 quantize` and a reload would give it, in place:
+    `bits`-bit decoder linears, int8 head, and the remaining dense parameters (norms, embedding) in
+    the dtype a quantized checkpoint loads with (`checkpoint.default_dtype`: fp32 when they are under
+    a tenth of the model, so that its decode steps run natively) unless `dtype` is given."""
+    from .checkpoint import default_dtype
+    from .errors import ConfigError
+
+    already = [name for name, m in model.named_modules() if isinstance(m, QUANTIZED)]
+    if already:
+        raise ConfigError(f"the model is already quantized ({already[0]} and {len(already) - 1} more modules): "
+                          f"load it as it is, or with dequantize=True (--dequantize) to requantize it")
+    quantize_model(model, bits=bits, group_size=group_size)
+    dense = sum(p.numel() for p in model.parameters())
+    act = default_dtype(model.config, dtype, dense)
+    for p in model.parameters():
+        p.data = p.data.to(act)
+    return model
+
+
 def quantization_config(bits: int, group_size: int, modules: dict[str, int]) -> dict:
     """The `quantization` section of config.json: default bits, int4 group size, bits per module."""
     return {"quant_method": "phi3-weight-only", "bits": bits, "group_size": group_size, "modules": modules}

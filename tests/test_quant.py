@@ -207,3 +207,44 @@ def test_loading_an_int4_checkpoint_peaks_below_1_2x_its_size(tmp_path):
     added = int(out.stdout.strip().splitlines()[-1])
     assert size > 150e6
     assert added <= 1.2 * size, f"loading added {added / 1e6:.0f} MB of peak RSS for a {size / 1e6:.0f} MB file"
+
+
+def test_quantize_on_load_is_quantize_then_reload(tmp_path, capsys):
+    """`phi3.load(..., quantize=4)` / `--quantize 4`: the model that `phi3 quantize` and a reload give
+    (same modules, fp32 activations, the same logits bit for bit), with no file written."""
+    from phi3.cli import main
+    from phi3.tokenizer import Tokenizer
+    from .conftest import SHARED
+    tok = Tokenizer.from_gguf(SHARED / "tokenizer" / "ggml-vocab-phi-3.gguf")
+    hf = scaled_down("phi-3-mini-4k-instruct", vocab=32064, head_dim=32)
+    cfg = ModelConfig.from_hf_dict(hf)
+    torch.manual_seed(2)
+    with torch.device("meta"):
+        shapes = phi3.models.phi3.Phi3ForCausalLM(cfg).state_dict()
+    src, saved = tmp_path / "src", tmp_path / "int4"
+    save_hf_checkpoint(build_model(cfg, {k: torch.randn(v.shape) * 0.1 for k, v in shapes.items()}, torch.float32),
+                       src, tokenizer=tok, dtype="bfloat16")
+    on_load = phi3.load(src, quantize=4, group_size=32)
+    save_hf_checkpoint(quantize_model(load_hf_checkpoint(src, "float32"), bits=4, group_size=32), saved, tokenizer=tok)
+    reloaded = phi3.load(saved)
+    for lm in (on_load, reloaded):
+        assert isinstance(lm.model.model.layers[0].mlp.down_proj, Int4Linear)
+        assert isinstance(lm.model.lm_head, Int8Linear) and lm.model.model.norm.weight.dtype == torch.float32
+    ids = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog")])
+    with torch.no_grad():
+        assert torch.equal(on_load.model(ids), reloaded.model(ids))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int4", "src"]  # nothing else written
+    expected = reloaded.generate(["The quick brown fox"], max_new_tokens=6)[0]
+    capsys.readouterr()
+    assert main(["generate", "--model", str(src), "--quantize", "4", "--group-size", "32", "-n", "6",
+                 "The quick brown fox"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == expected.rstrip("\n")
+
+
+def test_quantize_on_load_rejects_bad_arguments_before_loading(default_gguf, tmp_path):
+    with pytest.raises(ConfigError, match="group_size=48"):
+        phi3.load(tmp_path / "not-even-there", quantize=4, group_size=48)  # checked before the path
+    with pytest.raises(ConfigError, match="bits=3"):
+        phi3.load(None, quantize=3)
+    with pytest.raises(ConfigError, match="already quantized"):
+        phi3.load(default_gguf, quantize=4)  # its Q4_1 / Q8_0 blocks load as int4 / int8
