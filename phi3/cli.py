@@ -119,7 +119,7 @@ def cmd_quantize(args) -> int:
     dst = Path(args.dst)
     if dst.exists() and not dst.is_dir():
         raise Phi3Error(f"{dst}: exists and is not a directory")
-    lm = load(args.src, "float32")
+    lm = load(args.src)  # the checkpoint's dtype (bf16 stays memory-mapped): the quantizers work in fp32 a tensor at a time
     head_bits = None if args.head_bits == "none" else int(args.head_bits)
     embedding_bits = None if args.embedding_bits == "none" else int(args.embedding_bits)
     quantize_model(lm.model, bits=args.bits, group_size=args.group_size, head_bits=head_bits,
