@@ -749,7 +749,8 @@ def gguf_quantized_state_dict(f: GGUFFile, dtype: torch.dtype = torch.float32) -
         else:
             quant[hf_name.removesuffix(".weight")] = parts
         if parts is not None and hf_name == "model.embed_tokens.weight" and not untied:
-            quant["lm_head"] = native_parts(t)  # the tied head: the same blocks, in the linear's layout
+            # the tied head: the same blocks, its own copy (a module may keep the tensors it is given)
+            quant["lm_head"] = (parts[0], {k: None if v is None else v.clone() for k, v in parts[1].items()})
         f.release_pages()  # converted: the file's pages need not stay resident,
         return_freed_memory()  # nor the conversion's scratch
     if f.architecture == "llama":
@@ -791,10 +792,27 @@ _FUSIONS = (("self_attn.", ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
             ("mlp.", ("gate_proj", "up_proj"), "gate_up_proj"))
 
 
+def _concat_parts(parts: list[dict]) -> dict:
+    """Stored parts of the same kind concatenated row-wise. Q4_0 mins are implied (None): beside
+    Q4_1 parts they are written out (−8·scale) so the mins concatenate; all Q4_0 stays None."""
+    from .quant import q4_0_mins
+
+    out = {}
+    for key in parts[0]:
+        values = [p[key] for p in parts]
+        if all(v is None for v in values):
+            out[key] = None
+            continue
+        if key == "mins":
+            values = [q4_0_mins(p["scales"]) if v is None else v for p, v in zip(parts, values)]
+        out[key] = torch.cat(values, dim=0)
+    return out
+
+
 def _fuse_quantized(f: GGUFFile, dense: dict[str, torch.Tensor], quant: dict) -> None:
     """Separate projections -> the fused module. Quantized parts alike (same bits and kind) are
     concatenated row-wise as they are; a mix is dequantized and fused densely."""
-    from .quant import Int4Linear, Int8Linear, q4_0_mins
+    from .quant import Int4Linear, Int8Linear
 
     layers = {int(n.split(".")[2]) for n in [*dense, *quant] if n.startswith("model.layers.")}
     for i in sorted(layers):
@@ -803,17 +821,11 @@ def _fuse_quantized(f: GGUFFile, dense: dict[str, torch.Tensor], quant: dict) ->
             if not all(n in quant or f"{n}.weight" in dense for n in names):
                 continue  # already fused in the file, or incomplete (build_model names what is missing)
             target = f"model.layers.{i}.{sub}{fused}"
-            if any(n in quant and quant[n][1].get("mins", 0) is None for n in names) and \
-                    any(n in quant and quant[n][1].get("mins") is not None for n in names):
-                for n in names:  # Q4_0 beside Q4_1: the implied mins written out, so the parts concatenate
-                    if n in quant and quant[n][1].get("mins", 0) is None:
-                        quant[n][1]["mins"] = q4_0_mins(quant[n][1]["scales"])
             kinds = {(quant[n][0], tuple(sorted(quant[n][1]))) if n in quant else None for n in names}
             if len(kinds) == 1 and None not in kinds:
                 bits = quant[names[0]][0]
                 parts = [quant.pop(n)[1] for n in names]
-                quant[target] = (bits, {k: None if parts[0][k] is None else torch.cat([p[k] for p in parts], dim=0)
-                                        for k in parts[0]})
+                quant[target] = (bits, _concat_parts(parts))
                 continue
             dtype = next(dense[f"{n}.weight"].dtype for n in names if n not in quant)
             ws = []
