@@ -42,16 +42,19 @@ def test_a_message_streams_in_and_the_conversation_is_kept(page, smol):
     tab.wait_for_function("document.getElementById('model').textContent.length > 0")
     tab.fill("#temperature", "0")  # greedy: the reply must equal the generator's
     tab.fill("#input", "What is the capital of France?")
+    # streamed: every change of the reply's text is recorded in the page (a MutationObserver, so no
+    # change is missed however fast the tokens come), and the reply must be seen growing
+    tab.evaluate("""() => {
+        window.seen = [];
+        new MutationObserver(() => {
+            const msgs = document.querySelectorAll('.msg.assistant');
+            const text = msgs.length ? msgs[msgs.length - 1].textContent : '';
+            if (text && window.seen[window.seen.length - 1] !== text) window.seen.push(text);
+        }).observe(document.getElementById('log'), {childList: true, subtree: true, characterData: true});
+    }""")
     tab.click("#send")
-    # streamed: the reply is seen growing before it is complete
-    snapshots = []
-    for _ in range(400):
-        texts = _assistant_texts(tab)
-        if texts and texts[-1] and (not snapshots or snapshots[-1] != texts[-1]):
-            snapshots.append(texts[-1])
-        if texts and tab.is_enabled("#send"):
-            break
-        tab.wait_for_timeout(25)
+    tab.wait_for_function("!document.getElementById('send').disabled", timeout=60_000)
+    snapshots = tab.evaluate("window.seen")
     reply = _assistant_texts(tab)[-1]
     expected = smol.complete_ids([smol.chat_prompt("What is the capital of France?")], max_new_tokens=2000)[0].text
     assert reply == expected and "Paris" in reply
