@@ -124,15 +124,22 @@ class Cache(nn.Module):
     def __init__(self, model: Phi3ForCausalLM, batch: int, max_len: int, dtype=None, device=None):
         super().__init__()
         cfg = model.config
-        dtype = dtype or kv_cache_dtype(model)
+        dtype = dtype or self.default_dtype(model)
         self.max_len = max_len
-        self.layers = nn.ModuleList(
-            KVCache(batch, cfg.num_key_value_heads, max_len, cfg.head_dim, dtype, device)
-            for _ in range(cfg.num_hidden_layers)
-        )
+        self.layers = nn.ModuleList(self.layer_cache(cfg, i, batch, max_len, dtype, device)
+                                    for i in range(cfg.num_hidden_layers))
         self.register_buffer("positions", torch.full((batch, max_len), -1, dtype=torch.long, device=device),
                              persistent=False)
         self.length = 0
+
+    @staticmethod
+    def default_dtype(model: nn.Module) -> torch.dtype:
+        return kv_cache_dtype(model)
+
+    @staticmethod
+    def layer_cache(cfg: ModelConfig, layer: int, batch: int, max_len: int, dtype, device) -> nn.Module:
+        """The cache of one layer (a model family with other kinds of layers overrides this)."""
+        return KVCache(batch, cfg.num_key_value_heads, max_len, cfg.head_dim, dtype, device)
 
     def record_positions(self, positions: torch.Tensor) -> torch.Tensor:
         end = self.length + positions.shape[1]

@@ -18,6 +18,7 @@ from ..blocksparse import SparseKVCache, SparsePattern, blocksparse_prefill
 from ..config import ModelConfig, base_fields
 from ..errors import ConfigError
 from ..layers import KVCache, RotaryEmbedding, apply_rotary, attention_mask, embedding
+from .phi3 import Cache
 
 # The released tokenizer's unused ids (spec §2.7), masked out of the logits.
 RELEASE_DUMMY_TOKENS = [100256, 100258, 100259, 100260, 100264, 100265] + list(range(100267, 100352))
@@ -280,32 +281,21 @@ class Phi3SmallForCausalLM(nn.Module):
         return logits
 
 
-class SmallCache(nn.Module):
+class SmallCache(Cache):
     """Per layer: a full `KVCache` for dense layers, a `SparseKVCache` (ring + vertical blocks) for sparse ones."""
 
-    def __init__(self, model: Phi3SmallForCausalLM, batch: int, max_len: int, dtype=None, device=None):
-        super().__init__()
-        cfg = model.config
-        dtype = dtype or model.dtype
-        self.max_len = max_len
-        self.layers = nn.ModuleList(
-            KVCache(batch, cfg.num_key_value_heads, max_len, cfg.head_dim, dtype, device) if cfg.is_dense_layer(i)
-            else SparseKVCache(batch, cfg.num_key_value_heads, max_len, cfg.head_dim, cfg.pattern, dtype, device)
-            for i in range(cfg.num_hidden_layers))
-        self.register_buffer("positions", torch.full((batch, max_len), -1, dtype=torch.long, device=device),
-                             persistent=False)
-        self.length = 0
+    @staticmethod
+    def default_dtype(model: nn.Module) -> torch.dtype:
+        return model.dtype
 
-    def record_positions(self, positions: torch.Tensor) -> torch.Tensor:
-        end = self.length + positions.shape[1]
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} tokens > max_len {self.max_len}")
-        self.positions[:, self.length:end] = positions
-        return self.positions[:, :end]
+    @staticmethod
+    def layer_cache(cfg: Phi3SmallConfig, layer: int, batch: int, max_len: int, dtype, device) -> nn.Module:
+        if cfg.is_dense_layer(layer):
+            return KVCache(batch, cfg.num_key_value_heads, max_len, cfg.head_dim, dtype, device)
+        return SparseKVCache(batch, cfg.num_key_value_heads, max_len, cfg.head_dim, cfg.pattern, dtype, device)
 
     def reset(self) -> None:
-        self.length = 0
-        self.positions.fill_(-1)
+        super().reset()
         for layer in self.layers:
             if isinstance(layer, SparseKVCache):
                 layer.reset()
