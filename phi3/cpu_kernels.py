@@ -155,6 +155,10 @@ def load_build(isa: str) -> ctypes.CDLL | None:
     lib.phi3_pack_int8.restype = None
     lib.phi3_ggml_q8_0_split.argtypes = [p, ctypes.c_long, p, p, i]
     lib.phi3_ggml_q8_0_split.restype = None
+    lib.phi3_pack_ggml_q4.argtypes = [p, i, i, i, p, i]
+    lib.phi3_pack_ggml_q4.restype = None
+    lib.phi3_pack_ggml_q8_0.argtypes = [p, i, i, p, i]
+    lib.phi3_pack_ggml_q8_0.restype = None
     return lib
 
 
@@ -325,6 +329,29 @@ def ggml_q8_0_split(lib, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     d = torch.empty(rows, nb, dtype=torch.float16)
     lib.phi3_ggml_q8_0_split(blocks.data_ptr(), rows * nb, q.data_ptr(), d.data_ptr(), torch.get_num_threads())
     return q, d
+
+
+GGML_GROUP = 32  # weights per GGUF Q4_0 / Q4_1 / Q8_0 block
+
+
+def pack_ggml_q4(lib, blocks: torch.Tensor, with_mins: bool) -> torch.Tensor:
+    """GGUF Q4_0 (`with_mins` False) / Q4_1 blocks uint8 [n, k/32, 18 or 20] (n a multiple of 8) ->
+    the int4 layout of `pack_int4` with groups of 32 (Q4_0: scale-only), in one pass."""
+    blocks = blocks.contiguous()
+    n, nb, _ = blocks.shape
+    out = torch.empty(n // ROWS, nb, _int4_head(not with_mins) + 4 * GGML_GROUP, dtype=torch.uint8)
+    lib.phi3_pack_ggml_q4(blocks.data_ptr(), n, nb, int(with_mins), out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def pack_ggml_q8_0(lib, blocks: torch.Tensor) -> torch.Tensor:
+    """GGUF Q8_0 blocks uint8 [n, k/32, 34] (n a multiple of 8) -> the grouped layout of `pack_int8`
+    (block 32), in one pass."""
+    blocks = blocks.contiguous()
+    n, nb, _ = blocks.shape
+    out = torch.empty(n // ROWS, nb, 16 + 8 * GGML_GROUP, dtype=torch.uint8)
+    lib.phi3_pack_ggml_q8_0(blocks.data_ptr(), n, nb, out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def unpack_int8(packed: torch.Tensor, n: int, k: int, block: int, grouped: bool):

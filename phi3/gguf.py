@@ -685,8 +685,36 @@ def native_parts(t: GGUFTensor) -> tuple[int, dict[str, torch.Tensor]] | None:
     return None
 
 
-def quantized_linear_parts(t: GGUFTensor) -> tuple[int, dict[str, torch.Tensor]] | None:
-    """(bits, stored parts) for a quantized linear weight, None for one that stays dense."""
+def packed_parts(t: GGUFTensor, heads: int | None = None) -> tuple[int, dict[str, torch.Tensor]] | None:
+    """(bits, {"packed": ...}): Q4_0 / Q4_1 / Q8_0 blocks packed straight into the native kernels'
+    layout in one pass (`Int4Linear.from_packed`, `Int8Linear.from_packed`), llama q/k rows of `heads`
+    heads unpermuted on the blocks first. None where the native kernels do not run here or the rows
+    are not a multiple of 8 (they then go through the portable parts of `native_parts`)."""
+    from . import cpu_kernels
+
+    lib = cpu_kernels.library()
+    if lib is None or len(t.shape) != 2 or t.shape[0] % cpu_kernels.ROWS or t.qtype not in (*NATIVE_INT4, "Q8_0"):
+        return None
+    blocks = _block_fields(t)[0]  # [rows, blocks, bytes], a view of the file
+    if heads:
+        blocks = unpermute_rows(blocks, heads)
+    if t.qtype == "Q8_0":
+        return 8, {"packed": cpu_kernels.pack_ggml_q8_0(lib, blocks)}
+    return 4, {"packed": cpu_kernels.pack_ggml_q4(lib, blocks, with_mins=t.qtype == "Q4_1")}
+
+
+def quantized_linear_parts(t: GGUFTensor, heads: int | None = None) -> tuple[int, dict[str, torch.Tensor]] | None:
+    """(bits, stored parts) for a quantized linear weight, None for one that stays dense. `heads`:
+    a llama q/k projection's head count, whose rows are unpermuted (`unpermute_rows`)."""
+    parts = packed_parts(t, heads)
+    if parts is None:
+        parts = _portable_linear_parts(t)
+        if parts is not None and heads:
+            parts = (parts[0], _map_rows(parts[1], lambda v: unpermute_rows(v, heads)))
+    return parts
+
+
+def _portable_linear_parts(t: GGUFTensor) -> tuple[int, dict[str, torch.Tensor]] | None:
     from .quant import pack_nibbles, quantize_int4, quantize_int8_rows
 
     if len(t.shape) != 2:
@@ -735,6 +763,7 @@ def gguf_quantized_state_dict(f: GGUFFile, dtype: torch.dtype = torch.float32) -
 
     names = {g: hf_tensor_name(f, g) for g in f.tensors}
     untied = "output.weight" in f.tensors
+    heads = _llama_qk_heads(f)
     dense: dict[str, torch.Tensor] = {}
     quant: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}  # module name -> (bits, parts)
     for gguf_name, hf_name in names.items():
@@ -743,7 +772,8 @@ def gguf_quantized_state_dict(f: GGUFFile, dtype: torch.dtype = torch.float32) -
         t = f.tensors[gguf_name]
         parts = None
         if not _stays_dense(t, hf_name):
-            parts = native_parts(t) if hf_name == "model.embed_tokens.weight" else quantized_linear_parts(t)
+            parts = (native_parts(t) if hf_name == "model.embed_tokens.weight"
+                     else quantized_linear_parts(t, heads.get(hf_name.rsplit(".", 2)[-2])))
         if parts is None:
             dense[hf_name] = dequantize(t, dtype)
         else:
@@ -755,12 +785,6 @@ def gguf_quantized_state_dict(f: GGUFFile, dtype: torch.dtype = torch.float32) -
         return_freed_memory()  # nor the conversion's scratch
     if f.architecture == "llama":
         _unpermute_llama_qk(f, dense)
-        n_head = _meta_int(f, "llama.attention.head_count")
-        n_head_kv = _meta_int(f, "llama.attention.head_count_kv", n_head)
-        for name, (bits, parts) in quant.items():
-            heads = n_head if name.endswith("q_proj") else n_head_kv if name.endswith("k_proj") else None
-            if heads:
-                quant[name] = (bits, _map_rows(parts, lambda v, h=heads: unpermute_rows(v, h)))
     _fuse_quantized(f, dense, quant)
     sd = dict(dense)
     for name, (_, parts) in quant.items():
@@ -809,6 +833,22 @@ def _concat_parts(parts: list[dict]) -> dict:
     return out
 
 
+def _kind(bits: int, parts: dict) -> tuple:
+    """What parts must share to be concatenated: the bits, the part names, and the packed layout's
+    bytes per group (Q4_0's scale-only layout differs from Q4_1's)."""
+    packed = parts.get("packed")
+    return bits, tuple(sorted(parts)), None if packed is None else packed.shape[1:]
+
+
+def _portable(bits: int, parts: dict) -> dict:
+    """Packed parts (`packed_parts`) back in the portable stored form; others as they are."""
+    from .quant import Int4Linear, Int8Linear
+
+    if "packed" not in parts:
+        return parts
+    return (Int4Linear if bits == 4 else Int8Linear).from_stored(parts, GROUP).stored()
+
+
 def _fuse_quantized(f: GGUFFile, dense: dict[str, torch.Tensor], quant: dict) -> None:
     """Separate projections -> the fused module. Quantized parts alike (same bits and kind) are
     concatenated row-wise as they are; a mix is dequantized and fused densely."""
@@ -821,10 +861,15 @@ def _fuse_quantized(f: GGUFFile, dense: dict[str, torch.Tensor], quant: dict) ->
             if not all(n in quant or f"{n}.weight" in dense for n in names):
                 continue  # already fused in the file, or incomplete (build_model names what is missing)
             target = f"model.layers.{i}.{sub}{fused}"
-            kinds = {(quant[n][0], tuple(sorted(quant[n][1]))) if n in quant else None for n in names}
+            kinds = {_kind(*quant[n]) if n in quant else None for n in names}
             if len(kinds) == 1 and None not in kinds:
                 bits = quant[names[0]][0]
                 parts = [quant.pop(n)[1] for n in names]
+                quant[target] = (bits, _concat_parts(parts))
+                continue
+            if None not in kinds and len({quant[n][0] for n in names}) == 1:  # same bits, other layouts
+                bits = quant[names[0]][0]
+                parts = [_portable(bits, quant.pop(n)[1]) for n in names]
                 quant[target] = (bits, _concat_parts(parts))
                 continue
             dtype = next(dense[f"{n}.weight"].dtype for n in names if n not in quant)
@@ -851,14 +896,20 @@ def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return pairs.transpose(1, 2).reshape(rows, *rest)  # (head, j, i, ...) -> rows
 
 
-def _unpermute_llama_qk(f: GGUFFile, sd: dict[str, torch.Tensor]) -> None:
+def _llama_qk_heads(f: GGUFFile) -> dict[str, int]:
+    """{"q_proj": heads, "k_proj": KV heads} whose rows llama.cpp permuted (llama files), else {}."""
+    if f.architecture != "llama":
+        return {}
     n_head = _meta_int(f, "llama.attention.head_count")
-    n_head_kv = _meta_int(f, "llama.attention.head_count_kv", n_head)
+    return {"q_proj": n_head, "k_proj": _meta_int(f, "llama.attention.head_count_kv", n_head)}
+
+
+def _unpermute_llama_qk(f: GGUFFile, sd: dict[str, torch.Tensor]) -> None:
+    heads = _llama_qk_heads(f)
     for name, t in sd.items():
-        if name.endswith("self_attn.q_proj.weight"):
-            sd[name] = unpermute_rows(t, n_head)
-        elif name.endswith("self_attn.k_proj.weight"):
-            sd[name] = unpermute_rows(t, n_head_kv)
+        module = name.rsplit(".", 2)[-2]
+        if name.endswith(".weight") and module in heads and ".self_attn." in name:
+            sd[name] = unpermute_rows(t, heads[module])
 
 
 def _fuse_phi3_qkv(f: GGUFFile, sd: dict[str, torch.Tensor]) -> None:

@@ -110,8 +110,24 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_stored(cls, t: dict[str, torch.Tensor], group_size: int | None = None, dtype=None) -> "Int8Linear":
+        if "packed" in t:
+            return cls.from_packed(t["packed"], _bias(t, dtype))
         scales = t["scales"]
         return cls(t["qweight"], scales.float() if scales.dim() == 1 else scales.half(), _bias(t, dtype))
+
+    @classmethod
+    def from_packed(cls, packed: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
+        """Grouped int8 (groups of 32) already in the native kernel's layout (`cpu_kernels.pack_ggml_q8_0`:
+        GGUF Q8_0 blocks packed straight from the file)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.group_size = self._block = cpu_kernels.GGML_GROUP
+        self.out_features, self.in_features = packed.shape[0] * cpu_kernels.ROWS, packed.shape[1] * self.group_size
+        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
+        self._lib = cpu_kernels.library()
+        self.register_buffer("packed", packed, persistent=False)
+        self._scales = self._row_scales = self._qweight = None
+        return self
 
     def dequantize(self) -> torch.Tensor:
         q, scales = self.qweight.float(), self.scales
@@ -302,7 +318,23 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def from_stored(cls, t: dict[str, torch.Tensor], group_size: int, dtype=None) -> "Int4Linear":
+        if "packed" in t:
+            return cls.from_packed(t["packed"], _bias(t, dtype))
         return cls(t["qweight"], t["scales"], t["mins"], group_size, _bias(t, dtype))
+
+    @classmethod
+    def from_packed(cls, packed: torch.Tensor, bias: torch.Tensor | None = None) -> "Int4Linear":
+        """Groups of 32 already in the native kernel's layout (`cpu_kernels.pack_ggml_q4`: GGUF Q4_0 /
+        Q4_1 blocks packed straight from the file)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.group_size = cpu_kernels.GGML_GROUP
+        self.out_features, self.in_features = packed.shape[0] * cpu_kernels.ROWS, packed.shape[1] * self.group_size
+        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
+        self._lib = cpu_kernels.library()
+        self.register_buffer("packed", packed, persistent=False)
+        self._qweight = self._scales = self._mins = None
+        return self
 
     def stored(self) -> dict[str, torch.Tensor]:
         if self._lib is not None:
@@ -529,7 +561,8 @@ def load_quantized_modules(model: nn.Module, qcfg: dict, tensors: dict[str, torc
         check_quant_args(bits, group, f"{source}: module {name}")
         cls = _module_class(name, bits)
         parts = {}
-        for key in cls.STORED:
+        # "packed": GGUF blocks already in the native kernel's layout (phi3.gguf), else the stored form
+        for key in ("packed",) if f"{name}.packed" in tensors else cls.STORED:
             full = f"{name}.{key}"
             if full not in tensors:
                 raise CheckpointError(f"{source}: missing tensor {full} (quantized {bits}-bit module {name})")

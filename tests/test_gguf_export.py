@@ -238,3 +238,47 @@ def test_q4_0_beside_q4_1_fuses_with_its_implied_mins():
     assert bits == 4 and not quant
     fused = Int4Linear.from_stored(parts, 32)
     assert torch.equal(fused.dequantize(), torch.cat((dequantize(gate), dequantize(up))))
+
+
+@pytest.mark.parametrize("heads", [None, 4], ids=["rows as stored", "llama q rows unpermuted"])
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0])
+def test_blocks_pack_straight_into_the_kernel_layout(qtype, heads):
+    """Where the native kernels run, Q4_0 / Q4_1 / Q8_0 blocks go from the file to the kernel's layout
+    in one pass: the very module the portable parts give (same bytes, same values, same output)."""
+    from phi3 import cpu_kernels
+    from phi3.gguf import packed_parts, unpermute_rows
+    if cpu_kernels.library() is None:
+        pytest.skip("no native kernels on this machine")
+    t = _tensor(qtype, torch.randn(64, 256))
+    bits, packed = quantized_linear_parts(t, heads)
+    assert list(packed) == ["packed"]
+    portable = {k: None if v is None else (unpermute_rows(v, heads) if heads else v)
+                for k, v in native_parts(t)[1].items()}
+    cls = Int4Linear if bits == 4 else Int8Linear
+    direct, reference = cls.from_stored(packed, 32), cls.from_stored(portable, 32)
+    assert torch.equal(direct.packed, reference.packed)
+    w = dequantize(t)
+    assert torch.equal(direct.dequantize(), unpermute_rows(w, heads) if heads else w)
+    assert all(torch.equal(v, reference.stored()[k]) for k, v in direct.stored().items())
+    x = torch.randn(5, 256)
+    assert torch.equal(direct(x), reference(x))
+    # rows that are not a multiple of 8 take the portable parts
+    assert packed_parts(_tensor(qtype, torch.randn(60, 256))) is None
+    assert "qweight" in quantized_linear_parts(_tensor(qtype, torch.randn(60, 256)))[1]
+
+
+def test_packed_q4_0_beside_packed_q4_1_fuses_quantized():
+    """Blocks packed straight from the file but in different layouts (Q4_0 scale-only, Q4_1 with
+    mins) fuse through the portable form, still int4 and exact."""
+    from phi3 import cpu_kernels
+    from phi3.gguf import _fuse_quantized
+    if cpu_kernels.library() is None:
+        pytest.skip("no native kernels on this machine")
+    gate, up = _tensor(QT.Q4_0, torch.randn(32, 64)), _tensor(QT.Q4_1, torch.randn(48, 64))
+    quant = {"model.layers.0.mlp.gate_proj": quantized_linear_parts(gate),
+             "model.layers.0.mlp.up_proj": quantized_linear_parts(up)}
+    assert all(list(p) == ["packed"] for _, p in quant.values())
+    _fuse_quantized(None, {}, quant)
+    bits, parts = quant.pop("model.layers.0.mlp.gate_up_proj")
+    assert bits == 4 and not quant
+    assert torch.equal(Int4Linear.from_stored(parts, 32).dequantize(), torch.cat((dequantize(gate), dequantize(up))))

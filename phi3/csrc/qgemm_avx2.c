@@ -355,6 +355,55 @@ void phi3_ggml_q8_0_split(const uint8_t *blocks, long nblocks, int8_t *q, uint16
     }
 }
 
+/* GGUF blocks straight into the kernel layouts above (G = 32), one pass over the file's bytes with no
+ * portable copy in between. blocks: [N][nb][bsize] bytes, N a multiple of 8.
+ * Q4_0 (bsize 18: fp16 d, 16 qs) -> the scale-only int4 layout; Q4_1 (bsize 20: fp16 d, fp16 m, 16 qs)
+ * -> the int4 layout with mins. qs byte j holds w_j (low nibble) and w_{j+16} (high nibble); chunk c of
+ * the kernel layout wants, per row, bytes q[8c + b] | q[8c + 4 + b] << 4: for c = 0, 1 the low
+ * nibbles of qs[8c .. 8c + 7], for c = 2, 3 the high nibbles of qs[8(c − 2) ..]. */
+void phi3_pack_ggml_q4(const uint8_t *blocks, int N, int nb, int has_min, uint8_t *out, int nthreads) {
+    const size_t bsize = has_min ? 20 : 18, qs_off = has_min ? 4 : 2, head = has_min ? 32 : 16;
+    const size_t gbytes = head + 128;
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int rb = 0; rb < N / 8; rb++) {
+        for (int g = 0; g < nb; g++) {
+            uint8_t *o = out + ((size_t)rb * nb + g) * gbytes;
+            for (int i = 0; i < 8; i++) {
+                const uint8_t *blk = blocks + ((size_t)(rb * 8 + i) * nb + g) * bsize;
+                memcpy(o + 2 * i, blk, 2);
+                if (has_min) memcpy(o + 16 + 2 * i, blk + 2, 2);
+                const uint8_t *qs = blk + qs_off;
+                for (int c = 0; c < 2; c++) {
+                    uint32_t lo, hi, r;
+                    memcpy(&lo, qs + 8 * c, 4);
+                    memcpy(&hi, qs + 8 * c + 4, 4);
+                    r = (lo & 0x0F0F0F0Fu) | (hi & 0x0F0F0F0Fu) << 4;
+                    memcpy(o + head + 32 * c + 4 * i, &r, 4);
+                    r = (lo >> 4 & 0x0F0F0F0Fu) | (hi & 0xF0F0F0F0u);
+                    memcpy(o + head + 32 * (c + 2) + 4 * i, &r, 4);
+                }
+            }
+        }
+    }
+}
+
+/* Q8_0 (bsize 34: fp16 d, 32 int8) -> the grouped int8 layout: per (rb, g) the 8 rows' fp16 d, then
+ * chunk c (0..7) with 4 bytes w[4c .. 4c + 3] of each row. */
+void phi3_pack_ggml_q8_0(const uint8_t *blocks, int N, int nb, uint8_t *out, int nthreads) {
+    const size_t gbytes = 16 + 256;
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int rb = 0; rb < N / 8; rb++) {
+        for (int g = 0; g < nb; g++) {
+            uint8_t *o = out + ((size_t)rb * nb + g) * gbytes;
+            for (int i = 0; i < 8; i++) {
+                const uint8_t *blk = blocks + ((size_t)(rb * 8 + i) * nb + g) * 34;
+                memcpy(o + 2 * i, blk, 2);
+                for (int c = 0; c < 8; c++) memcpy(o + 16 + 32 * c + 4 * i, blk + 2 + 4 * c, 4);
+            }
+        }
+    }
+}
+
 /* exp(x) for x <= 0, 8 lanes: 2^n · p(r) with x = n·ln2 + r, |r| <= ln2/2, a degree-6 Taylor
  * polynomial (relative error < 2e-7, below fp32 rounding of the softmax sums); x < -87 gives 0. */
 ALWAYS_INLINE __m256 exp_neg_ps(__m256 x) {
