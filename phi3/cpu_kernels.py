@@ -159,6 +159,10 @@ def load_build(isa: str) -> ctypes.CDLL | None:
     lib.phi3_pack_ggml_q4.restype = None
     lib.phi3_pack_ggml_q8_0.argtypes = [p, i, i, p, i]
     lib.phi3_pack_ggml_q8_0.restype = None
+    lib.phi3_int4_rows.argtypes = [p, p, i, i, i, i, p]
+    lib.phi3_int4_rows.restype = None
+    lib.phi3_int8_rows.argtypes = [p, p, i, i, i, p, p]
+    lib.phi3_int8_rows.restype = None
     return lib
 
 
@@ -277,6 +281,26 @@ def unpack_int4(packed: torch.Tensor, n: int, k: int, group_size: int):
     q = torch.stack((nib & 0x0F, nib >> 4), dim=-1)  # [rb, g, c, i, b, h]
     q = q.permute(0, 3, 1, 2, 5, 4).reshape(rb * ROWS, k)[:n]  # [rb, i, g, c, h, b]
     return q, scales, mins
+
+
+def int4_rows(lib, packed: torch.Tensor, ids: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
+    """Rows `ids` of an int4 weight in the `pack_int4` layout, dequantized: fp32 [len(ids), k]."""
+    ids = ids.to(torch.int64).contiguous()
+    out = torch.empty(len(ids), k)
+    lib.phi3_int4_rows(packed.data_ptr(), ids.data_ptr(), len(ids), k, group_size,
+                       int(int4_is_symmetric(packed, group_size)), out.data_ptr())
+    return out
+
+
+def int8_rows(lib, packed: torch.Tensor, ids: torch.Tensor, k: int, block: int,
+              row_scales: torch.Tensor | None) -> torch.Tensor:
+    """Rows `ids` of an int8 weight in the `pack_int8` layout, dequantized: fp32 [len(ids), k];
+    `row_scales` fp32 for per-channel weights, None when grouped (scales inline)."""
+    ids = ids.to(torch.int64).contiguous()
+    out = torch.empty(len(ids), k)
+    lib.phi3_int8_rows(packed.data_ptr(), ids.data_ptr(), len(ids), k, block,
+                       None if row_scales is None else row_scales.data_ptr(), out.data_ptr())
+    return out
 
 
 def int4_matmul(lib, x: torch.Tensor, packed: torch.Tensor, n: int, group_size: int) -> torch.Tensor:

@@ -461,7 +461,35 @@ class Int4Embedding(_QuantizedEmbedding):
 
 
 
-QUANTIZED = (Int8Linear, Int4Linear, Int8Embedding, Int4Embedding)
+class TiedEmbedding(_QuantizedEmbedding):
+    """The token table of a tied model read from its quantized head (the two hold the same blocks, as
+    in a GGUF file without `output.weight`): rows are dequantized from the head's kernel layout as they
+    are looked up, so the table is held once. Saved as the table it is (`stored()`), like
+    `Int8Embedding` / `Int4Embedding`, which is what loads it back."""
+
+    def __init__(self, head: nn.Module, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        if head._lib is None:
+            raise ValueError("TiedEmbedding needs a head on the native kernels")
+        object.__setattr__(self, "head", head)  # not a submodule: it is the model's lm_head
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.dtype = dtype
+        self.bits = 4 if isinstance(head, Int4Linear) else 8
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.head.stored().items() if k != "bias"}
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """fp32 [len(ids), hidden]"""
+        h = self.head
+        if (ids < 0).any() or (ids >= self.num_embeddings).any():
+            raise IndexError(f"token id out of range for a table of {self.num_embeddings} rows")
+        if self.bits == 4:
+            return cpu_kernels.int4_rows(h._lib, h.packed, ids, self.embedding_dim, h.group_size)
+        return cpu_kernels.int8_rows(h._lib, h.packed, ids, self.embedding_dim, h._block, h._row_scales)
+
+
+QUANTIZED = (Int8Linear, Int4Linear, Int8Embedding, Int4Embedding, TiedEmbedding)
 
 
 def check_quant_args(bits: int, group_size: int | None, what: str = "quantization") -> None:
@@ -557,8 +585,11 @@ def load_quantized_modules(model: nn.Module, qcfg: dict, tensors: dict[str, torc
     if not isinstance(modules, dict):
         raise CheckpointError(f"{source}: config.json quantization.modules must map module names to bits, "
                               f"got {type(modules).__name__}")
+    shared = _head_holds_the_table(model, modules, tensors)
     for name, bits in modules.items():
         check_quant_args(bits, group, f"{source}: module {name}")
+        if shared and name == "model.embed_tokens":
+            continue  # built from the head below
         cls = _module_class(name, bits)
         parts = {}
         # "packed": GGUF blocks already in the native kernel's layout (phi3.gguf), else the stored form
@@ -572,6 +603,32 @@ def load_quantized_modules(model: nn.Module, qcfg: dict, tensors: dict[str, torc
         _set_module(model, name, cls.from_stored(parts, group, dtype))
         del parts
         return_freed_memory()  # the stored layout just converted
+    if shared:
+        table = {k.rsplit(".", 1)[1]: tensors.pop(k) for k in [k for k in tensors if k.startswith("model.embed_tokens.")]}
+        if model.lm_head._lib is not None:
+            model.model.embed_tokens = TiedEmbedding(model.lm_head, dtype)
+        else:  # PyTorch's kernels: the head's layout cannot give rows back cheaply, keep the table
+            model.model.embed_tokens = _module_class("model.embed_tokens", modules["model.embed_tokens"]).from_stored(
+                table, group, dtype)
+
+
+def _head_holds_the_table(model: nn.Module, modules: dict, tensors: dict) -> bool:
+    """A tied model whose embedding and head are stored quantized with the very same values (a GGUF
+    file without `output.weight`, or a checkpoint saved from one): the table need not be held twice."""
+    cfg = getattr(model, "config", None)
+    if not (cfg is not None and cfg.tie_word_embeddings and "lm_head" in modules
+            and modules.get("model.embed_tokens") == modules["lm_head"]):
+        return False
+    if "lm_head.bias" in tensors:
+        return False
+    keys = {k.rsplit(".", 1)[1] for k in tensors if k.startswith(("model.embed_tokens.", "lm_head."))}
+    for k in keys:
+        a, b = tensors.get(f"model.embed_tokens.{k}"), tensors.get(f"lm_head.{k}")
+        if (a is None) != (b is None):
+            return False
+        if a is not None and (a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b)):
+            return False
+    return bool(keys)
 
 
 def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

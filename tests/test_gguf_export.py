@@ -108,8 +108,9 @@ def test_quantized_gguf_stays_quantized(default_gguf):
     dense, native = phi3.load(default_gguf, dequantize=True), phi3.load(default_gguf)
     layer = native.model.model.layers[0]
     assert isinstance(layer.self_attn.qkv_proj, Int4Linear) and isinstance(layer.mlp.down_proj, Int4Linear)
-    assert isinstance(native.model.model.embed_tokens, Int8Embedding) and isinstance(native.model.lm_head, Int8Linear)
+    assert isinstance(native.model.lm_head, Int8Linear)
     assert torch.equal(native.model.lm_head.dequantize(), dense.model.lm_head.weight)
+    assert torch.equal(native.model.model.embed_tokens.dequantize(), dense.model.model.embed_tokens.weight)
     for name in ("self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj"):  # unpermuted + fused, exactly
         assert torch.equal(layer.get_submodule(name).dequantize(), dense.model.model.layers[0].get_submodule(name).weight)
     ids = torch.tensor([native.encode("The capital of France is")])
@@ -282,3 +283,55 @@ def test_packed_q4_0_beside_packed_q4_1_fuses_quantized():
     bits, parts = quant.pop("model.layers.0.mlp.gate_up_proj")
     assert bits == 4 and not quant
     assert torch.equal(Int4Linear.from_stored(parts, 32).dequantize(), torch.cat((dequantize(gate), dequantize(up))))
+
+
+def _tied_heads():
+    """Quantized heads of every kind the native kernels hold: GGUF blocks packed straight from the
+    file, portable int4 with mins, int8 per channel, and a vocabulary that is not a multiple of 8."""
+    from phi3.gguf import quantized_linear_parts
+    w = torch.randn(64, 128)
+    heads = {q.name: Int4Linear.from_stored(quantized_linear_parts(_tensor(q, w))[1], 32) for q in (QT.Q4_0, QT.Q4_1)}
+    heads["Q8_0"] = Int8Linear.from_stored(quantized_linear_parts(_tensor(QT.Q8_0, w))[1])
+    heads["int4 g64"] = Int4Linear.quantize(w, 64)
+    heads["int8 per channel"] = Int8Linear.quantize(w)
+    heads["int4, 61 rows"] = Int4Linear.quantize(w[:61], 32)
+    heads["int8, 61 rows"] = Int8Linear.quantize(w[:61])
+    return heads
+
+
+def test_tied_table_rows_come_from_the_head_exactly():
+    from phi3 import cpu_kernels
+    from phi3.quant import TiedEmbedding
+    if cpu_kernels.library() is None:
+        pytest.skip("no native kernels on this machine")
+    for kind, head in _tied_heads().items():
+        table = TiedEmbedding(head, torch.float32)
+        ids = torch.tensor([[0, 5, head.out_features - 1], [7, 8, 7]])
+        assert torch.equal(table(ids), head.dequantize()[ids]), kind
+        assert torch.equal(table.dequantize(), head.dequantize()), kind
+        assert list(table.buffers()) == [] and list(table.children()) == [], kind  # nothing of its own
+        with pytest.raises(IndexError, match="out of range"):
+            table(torch.tensor([[head.out_features]]))
+
+
+def test_tied_gguf_holds_its_table_once(default_gguf, tmp_path):
+    """SmolLM2's GGUF has no output.weight: the head and the table are the same Q8_0 blocks, held
+    once; saved, the checkpoint has both tensors (as transformers-style files do) and loads back
+    sharing them again, with the same logits."""
+    from phi3 import cpu_kernels
+    from phi3.checkpoint import load_hf_checkpoint, save_hf_checkpoint
+    from phi3.quant import TiedEmbedding
+    if cpu_kernels.library() is None:
+        pytest.skip("no native kernels on this machine")
+    lm = phi3.load(default_gguf)
+    assert isinstance(lm.model.model.embed_tokens, TiedEmbedding)
+    held = sum(b.numel() * b.element_size() for b in lm.model.buffers()) + \
+        sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    table = 49152 * 576 * (1 + 2 / 32)  # int8 + an fp16 scale per 32
+    assert held < 135e6 * (4.5 / 8) + table * 1.05  # weights at ~4.5 bits, one int8 table
+    save_hf_checkpoint(lm.model, tmp_path / "q", tokenizer=lm.tokenizer)
+    again = load_hf_checkpoint(tmp_path / "q")
+    assert isinstance(again.model.embed_tokens, TiedEmbedding)
+    ids = torch.tensor([lm.encode("The capital of France is")])
+    with torch.no_grad():
+        assert torch.equal(again(ids), lm.model(ids))

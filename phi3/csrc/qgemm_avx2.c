@@ -404,6 +404,53 @@ void phi3_pack_ggml_q8_0(const uint8_t *blocks, int N, int nb, uint8_t *out, int
     }
 }
 
+/* Rows `ids` of a weight in the int4 / int8 layouts above, dequantized to fp32 out[n][K] (a tied
+ * model's token table read from its head). */
+void phi3_int4_rows(const uint8_t *packed, const int64_t *ids, int n, int K, int G, int symmetric, float *out) {
+    const int ng = K / G;
+    const size_t head = symmetric ? 16 : 32, gbytes = head + 4 * (size_t)G;
+    for (int r = 0; r < n; r++) {
+        const int64_t id = ids[r];
+        const int i = (int)(id % 8);
+        for (int g = 0; g < ng; g++) {
+            const uint8_t *p = packed + ((size_t)(id / 8) * ng + g) * gbytes;
+            uint16_t hs, hm;
+            memcpy(&hs, p + 2 * i, 2);
+            const float s = _cvtsh_ss(hs);
+            float m = -8.f * s;
+            if (!symmetric) { memcpy(&hm, p + 16 + 2 * i, 2); m = _cvtsh_ss(hm); }
+            float *o = out + (size_t)r * K + (size_t)g * G;
+            for (int c = 0; c < G / 8; c++) {
+                const uint8_t *q = p + head + 32 * c + 4 * i;
+                for (int b = 0; b < 4; b++) {
+                    o[8 * c + b] = (float)(q[b] & 15) * s + m;
+                    o[8 * c + 4 + b] = (float)(q[b] >> 4) * s + m;
+                }
+            }
+        }
+    }
+}
+
+void phi3_int8_rows(const uint8_t *packed, const int64_t *ids, int n, int K, int B, const float *row_scale, float *out) {
+    const int ng = K / B;
+    const size_t head = row_scale ? 0 : 16, gbytes = head + 8 * (size_t)B;
+    for (int r = 0; r < n; r++) {
+        const int64_t id = ids[r];
+        const int i = (int)(id % 8);
+        for (int g = 0; g < ng; g++) {
+            const uint8_t *p = packed + ((size_t)(id / 8) * ng + g) * gbytes;
+            float s;
+            if (row_scale) s = row_scale[id];
+            else { uint16_t h; memcpy(&h, p + 2 * i, 2); s = _cvtsh_ss(h); }
+            float *o = out + (size_t)r * K + (size_t)g * B;
+            for (int c = 0; c < B / 4; c++) {
+                const int8_t *q = (const int8_t *)(p + head + 32 * c + 4 * i);
+                for (int b = 0; b < 4; b++) o[4 * c + b] = (float)q[b] * s;
+            }
+        }
+    }
+}
+
 /* exp(x) for x <= 0, 8 lanes: 2^n · p(r) with x = n·ln2 + r, |r| <= ln2/2, a degree-6 Taylor
  * polynomial (relative error < 2e-7, below fp32 rounding of the softmax sums); x < -87 gives 0. */
 ALWAYS_INLINE __m256 exp_neg_ps(__m256 x) {
