@@ -773,7 +773,7 @@ def gguf_quantized_state_dict(f: GGUFFile, dtype: torch.dtype = torch.float32) -
         parts = None
         if not _stays_dense(t, hf_name):
             parts = (native_parts(t) if hf_name == "model.embed_tokens.weight"
-                     else quantized_linear_parts(t, heads.get(hf_name.rsplit(".", 2)[-2])))
+                     else quantized_linear_parts(t, _permuted_heads(heads, hf_name)))
         if parts is None:
             dense[hf_name] = dequantize(t, dtype)
         else:
@@ -851,7 +851,8 @@ def _portable(bits: int, parts: dict) -> dict:
 
 def _fuse_quantized(f: GGUFFile, dense: dict[str, torch.Tensor], quant: dict) -> None:
     """Separate projections -> the fused module. Quantized parts alike (same bits and kind) are
-    concatenated row-wise as they are; a mix is dequantized and fused densely."""
+    concatenated row-wise as they are; the same bits in different layouts through the portable form;
+    a mix of quantized and dense is dequantized and fused densely."""
     from .quant import Int4Linear, Int8Linear
 
     layers = {int(n.split(".")[2]) for n in [*dense, *quant] if n.startswith("model.layers.")}
@@ -904,12 +905,17 @@ def _llama_qk_heads(f: GGUFFile) -> dict[str, int]:
     return {"q_proj": n_head, "k_proj": _meta_int(f, "llama.attention.head_count_kv", n_head)}
 
 
+def _permuted_heads(heads: dict[str, int], hf_name: str) -> int | None:
+    """The head count whose rows to unpermute for tensor `hf_name` (`heads` from `_llama_qk_heads`)."""
+    return heads.get(hf_name.rsplit(".", 2)[-2]) if ".self_attn." in hf_name else None
+
+
 def _unpermute_llama_qk(f: GGUFFile, sd: dict[str, torch.Tensor]) -> None:
     heads = _llama_qk_heads(f)
     for name, t in sd.items():
-        module = name.rsplit(".", 2)[-2]
-        if name.endswith(".weight") and module in heads and ".self_attn." in name:
-            sd[name] = unpermute_rows(t, heads[module])
+        n = _permuted_heads(heads, name) if name.endswith(".weight") else None
+        if n:
+            sd[name] = unpermute_rows(t, n)
 
 
 def _fuse_phi3_qkv(f: GGUFFile, sd: dict[str, torch.Tensor]) -> None:

