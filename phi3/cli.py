@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bits of the output head (default 8: the head is the layer most hurt by 4 bits)")
     p.add_argument("--embedding-bits", default="none", choices=["4", "8", "none"],
                    help="store the embedding table in int8 (a scale per row) or int4 (groups of --group-size); "
-                        "default: keep it in --dtype")
+                        "default: keep it in --dtype (a table tied to the head: the head's bits, read from it)")
     p.add_argument("--dtype", default="bfloat16", help="dtype of the tensors left unquantized (embeddings, norms)")
     p.set_defaults(func=cmd_quantize)
 

@@ -479,7 +479,8 @@ class TiedEmbedding(_QuantizedEmbedding):
         self.bits = 4 if isinstance(head, Int4Linear) else 8
 
     def stored(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.head.stored().items() if k != "bias"}
+        # copies: a file holds the table and the head apart (safetensors refuses shared storage)
+        return {k: v.clone() for k, v in self.head.stored().items() if k != "bias"}
 
     def _rows(self, ids: torch.Tensor) -> torch.Tensor:
         """fp32 [len(ids), hidden]"""
@@ -519,7 +520,9 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, head_b
     the head is the layer most sensitive to 4 bits (on SmolLM2-135M, int4 g32 everywhere costs +5 %
     perplexity, int4 with an int8 head +0.1 %), which is also why llama.cpp keeps it at Q6_K/Q8_0.
     The embedding table can be stored in int8 (`embedding_bits=8`, a scale per row) or int4
-    (`embedding_bits=4`, groups of `group_size`)."""
+    (`embedding_bits=4`, groups of `group_size`). A model whose table is tied to a quantized head
+    keeps one table: by default (`embedding_bits=None`) the embedding takes the head's bits and its rows
+    are read from the quantized head (`TiedEmbedding`), as llama.cpp reads its output from token_embd."""
     check_quant_args(bits, group_size)
     if head_bits is not None:
         check_quant_args(head_bits, group_size, "head")
@@ -536,11 +539,19 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, head_b
         linear = model.get_submodule(name)
         weight, bias = linear.weight, linear.bias
         _set_module(model, name, Int8Linear.quantize(weight, bias) if b == 8 else Int4Linear.quantize(weight, group_size, bias))
+    tied = getattr(model.config, "tie_word_embeddings", False) and head_bits is not None
+    if embedding_bits is None and tied:
+        embedding_bits = head_bits  # the tied table is the head's values (below: held once)
     if embedding_bits is not None:
         plan["model.embed_tokens"] = embedding_bits
         weight = model.model.embed_tokens.weight
-        _set_module(model, "model.embed_tokens", Int8Embedding.quantize(weight) if embedding_bits == 8
-                    else Int4Embedding.quantize(weight, group_size))
+        head = model.lm_head
+        if tied and embedding_bits == head_bits and head._lib is not None:
+            table = TiedEmbedding(head, weight.dtype)  # rows read from the quantized head
+        else:
+            table = (Int8Embedding.quantize(weight) if embedding_bits == 8
+                     else Int4Embedding.quantize(weight, group_size))
+        _set_module(model, "model.embed_tokens", table)
     model.config.raw["quantization"] = quantization_config(bits, group_size, plan)
     return model
 
@@ -563,6 +574,9 @@ def quantize_on_load(model: nn.Module, bits: int, group_size: int = 64,
     act = default_dtype(model.config, dtype, dense)
     for p in model.parameters():
         p.data = p.data.to(act)
+    for m in model.modules():
+        if isinstance(m, _QuantizedEmbedding):
+            m.dtype = act  # the rows come out in the activation dtype, as a reload builds them
     return model
 
 
