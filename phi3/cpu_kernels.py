@@ -157,6 +157,8 @@ def load_build(isa: str) -> ctypes.CDLL | None:
     lib.phi3_ggml_q8_0_split.restype = None
     lib.phi3_pack_ggml_q4.argtypes = [p, i, i, i, p, i]
     lib.phi3_pack_ggml_q4.restype = None
+    lib.phi3_pack_ggml_q4_k.argtypes = [p, i, i, p, i]
+    lib.phi3_pack_ggml_q4_k.restype = None
     lib.phi3_pack_ggml_q8_0.argtypes = [p, i, i, p, i]
     lib.phi3_pack_ggml_q8_0.restype = None
     lib.phi3_int4_rows.argtypes = [p, p, i, i, i, i, p]
@@ -365,6 +367,17 @@ def pack_ggml_q4(lib, blocks: torch.Tensor, with_mins: bool) -> torch.Tensor:
     n, nb, _ = blocks.shape
     out = torch.empty(n // ROWS, nb, _int4_head(not with_mins) + 4 * GGML_GROUP, dtype=torch.uint8)
     lib.phi3_pack_ggml_q4(blocks.data_ptr(), n, nb, int(with_mins), out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def pack_ggml_q4_k(lib, blocks: torch.Tensor) -> torch.Tensor:
+    """GGUF Q4_K super-blocks uint8 [n, k/256, 144] (n a multiple of 8) -> the int4 layout (with mins)
+    of `pack_int4` with groups of 32: each sub-block's scale d·sc and min −dmin·m rounded to fp16,
+    the 4-bit weights as they are."""
+    blocks = blocks.contiguous()
+    n, nsb, _ = blocks.shape
+    out = torch.empty(n // ROWS, nsb * 8, _int4_head(False) + 4 * GGML_GROUP, dtype=torch.uint8)
+    lib.phi3_pack_ggml_q4_k(blocks.data_ptr(), n, nsb, out.data_ptr(), torch.get_num_threads())
     return out
 
 

@@ -86,13 +86,15 @@ def test_quantized_embedding_rows_are_exactly_the_gguf_values(qtype):
 
 @pytest.mark.parametrize("qtype", [QT.Q6_K, QT.Q4_K])
 def test_requantized_types_are_converted_in_row_blocks(qtype, monkeypatch):
-    """Q6_K (-> int8 per channel) and Q4_K (-> int4 g32) are requantized a block of rows at a time:
-    the same result as requantizing the whole dequantized tensor at once."""
+    """Q6_K (-> int8 per channel) and Q4_K (-> int4 g32, where the native kernels do not run) are
+    requantized a block of rows at a time: the same result as requantizing the whole dequantized
+    tensor at once."""
+    from phi3.gguf import _portable_linear_parts
     from phi3.quant import pack_nibbles, quantize_int4, quantize_int8_rows
     from .test_gguf import _raw_for
     t = GGUFTensor("output.weight", qtype.name, (40, 256), _raw_for(qtype.name, (40, 256)))
     monkeypatch.setattr("phi3.gguf.REQUANT_ROWS", 16)
-    bits, parts = quantized_linear_parts(t)
+    bits, parts = _portable_linear_parts(t)
     w = dequantize(t)
     if qtype == QT.Q6_K:
         q, s = quantize_int8_rows(w)
@@ -335,3 +337,33 @@ def test_tied_gguf_holds_its_table_once(default_gguf, tmp_path):
     ids = torch.tensor([lm.encode("The capital of France is")])
     with torch.no_grad():
         assert torch.equal(again(ids), lm.model(ids))
+
+
+def test_q4_k_sub_blocks_pack_as_int4_groups():
+    """Q4_K packs straight into the int4 layout: each sub-block of 32 a group whose scale d·sc and min
+    −dmin·m are rounded to fp16, the 4-bit weights kept. Exactly that rule, and within fp16 rounding
+    of the file's values (requantizing them onto a fresh int4 grid, as before, erred by up to half a
+    step of that grid)."""
+    from phi3 import cpu_kernels
+    from phi3.gguf import _f16, _k_scales, _nibbles, packed_parts
+    from .test_gguf import _raw_for
+    if cpu_kernels.library() is None:
+        pytest.skip("no native kernels on this machine")
+    rows, cols = 24, 512
+    t = GGUFTensor("blk.0.ffn_down.weight", "Q4_K", (rows, cols), _raw_for("Q4_K", (rows, cols)))
+    bits, parts = packed_parts(t)
+    layer = Int4Linear.from_stored(parts, 32)
+    blocks = torch.from_numpy(t.raw.view(np.uint8)).view(-1, 144)
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)  # [superblocks, 1]
+    sc, mn = _k_scales(blocks[:, 4:16])  # [superblocks, 8]
+    q = _nibbles(blocks[:, 16:144], 4).view(-1, 8, 32)  # [superblocks, 8 groups, 32]
+    scale, low = (d * sc).half().float(), (-(dmin * mn)).half().float()
+    expected = (q * scale[..., None] + low[..., None]).reshape(rows, cols)
+    assert bits == 4 and torch.equal(layer.dequantize(), expected)
+    w = dequantize(t)
+    # fp16 keeps 11 significant bits: each weight is off by at most half an fp16 step of 15·|scale| + |min|
+    exact_scale, exact_min = (d * sc).abs(), (dmin * mn).abs()
+    bound = ((15 * exact_scale + exact_min) * 2.0 ** -11 * 1.01).repeat_interleave(32, 1).reshape(rows, cols)
+    assert ((layer.dequantize() - w).abs() <= bound + 1e-6).all()
+    x = torch.randn(3, cols)
+    assert (layer(x) - x @ w.T).abs().max() < 0.02 * (x @ w.T).abs().max()

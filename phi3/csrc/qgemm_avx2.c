@@ -387,6 +387,46 @@ void phi3_pack_ggml_q4(const uint8_t *blocks, int N, int nb, int has_min, uint8_
     }
 }
 
+/* GGUF Q4_K super-blocks (144 bytes: fp16 d, fp16 dmin, 12 bytes of 6-bit scales / mins, 128 bytes of
+ * nibbles) -> the int4 layout with mins, G = 32: sub-block j of 32 weights is w = q·(d·sc_j) − dmin·m_j,
+ * i.e. a group with scale d·sc_j and min −dmin·m_j, both rounded to fp16 (the only change of value);
+ * the 4-bit q are kept. Its nibbles: sub-blocks 2i and 2i + 1 share qs[32i .. 32i + 31], low / high. */
+void phi3_pack_ggml_q4_k(const uint8_t *blocks, int N, int nsb, uint8_t *out, int nthreads) {
+    const int ng = nsb * 8;
+    const size_t gbytes = 32 + 128;
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int rb = 0; rb < N / 8; rb++) {
+        for (int sb = 0; sb < nsb; sb++) {
+            for (int i = 0; i < 8; i++) {
+                const uint8_t *blk = blocks + ((size_t)(rb * 8 + i) * nsb + sb) * 144;
+                uint16_t hd, hdmin;
+                memcpy(&hd, blk, 2);
+                memcpy(&hdmin, blk + 2, 2);
+                const float d = _cvtsh_ss(hd), dmin = _cvtsh_ss(hdmin);
+                const uint8_t *sc6 = blk + 4, *qs = blk + 16;
+                for (int j = 0; j < 8; j++) {
+                    int sc, m;
+                    if (j < 4) { sc = sc6[j] & 63; m = sc6[j + 4] & 63; }
+                    else { sc = (sc6[j + 4] & 15) | ((sc6[j - 4] >> 6) << 4); m = (sc6[j + 4] >> 4) | ((sc6[j] >> 6) << 4); }
+                    uint8_t *o = out + ((size_t)rb * ng + sb * 8 + j) * gbytes;
+                    const uint16_t hs = _cvtss_sh(d * (float)sc, 0), hm = _cvtss_sh(-dmin * (float)m, 0);
+                    memcpy(o + 2 * i, &hs, 2);
+                    memcpy(o + 16 + 2 * i, &hm, 2);
+                    const uint8_t *src = qs + 32 * (j / 2);
+                    for (int c = 0; c < 4; c++) {
+                        uint32_t lo, hi, r;
+                        memcpy(&lo, src + 8 * c, 4);
+                        memcpy(&hi, src + 8 * c + 4, 4);
+                        r = (j & 1) ? ((lo >> 4 & 0x0F0F0F0Fu) | (hi & 0xF0F0F0F0u))
+                                    : ((lo & 0x0F0F0F0Fu) | (hi & 0x0F0F0F0Fu) << 4);
+                        memcpy(o + 32 + 32 * c + 4 * i, &r, 4);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /* Q8_0 (bsize 34: fp16 d, 32 int8) -> the grouped int8 layout: per (rb, g) the 8 rows' fp16 d, then
  * chunk c (0..7) with 4 bytes w[4c .. 4c + 3] of each row. */
 void phi3_pack_ggml_q8_0(const uint8_t *blocks, int N, int nb, uint8_t *out, int nthreads) {
