@@ -687,7 +687,8 @@ def native_parts(t: GGUFTensor) -> tuple[int, dict[str, torch.Tensor]] | None:
 
 def packed_parts(t: GGUFTensor, heads: int | None = None) -> tuple[int, dict[str, torch.Tensor]] | None:
     """(bits, {"packed": ...}): Q4_0 / Q4_1 / Q8_0 blocks packed straight into the native kernels'
-    layout in one pass (Q4_K too: its sub-blocks of 32 are int4 groups, the scales rounded to fp16) (`Int4Linear.from_packed`, `Int8Linear.from_packed`), llama q/k rows of `heads`
+    layout in one pass (Q4_K too: its sub-blocks of 32 are int4 groups, the scales rounded to fp16;
+    Q6_K requantized to int8 per channel exactly as `_portable_linear_parts` does, with "scales") (`Int4Linear.from_packed`, `Int8Linear.from_packed`), llama q/k rows of `heads`
     heads unpermuted on the blocks first. None where the native kernels do not run here or the rows
     are not a multiple of 8 (they then go through the portable parts of `native_parts`)."""
     from . import cpu_kernels
@@ -702,10 +703,13 @@ def packed_parts(t: GGUFTensor, heads: int | None = None) -> tuple[int, dict[str
         return 8, {"packed": cpu_kernels.pack_ggml_q8_0(lib, blocks)}
     if t.qtype == "Q4_K":  # sub-blocks of 32 are groups: scale and min rounded to fp16, weights kept
         return 4, {"packed": cpu_kernels.pack_ggml_q4_k(lib, blocks)}
+    if t.qtype == "Q6_K":  # requantized to int8 per channel, as `_portable_linear_parts` does, in C
+        packed, scales = cpu_kernels.requant_ggml_q6_k(lib, blocks)
+        return 8, {"packed": packed, "scales": scales}
     return 4, {"packed": cpu_kernels.pack_ggml_q4(lib, blocks, with_mins=t.qtype == "Q4_1")}
 
 
-PACKED_TYPES = (*NATIVE_INT4, "Q8_0", "Q4_K")  # what `packed_parts` packs straight from the file
+PACKED_TYPES = (*NATIVE_INT4, "Q8_0", "Q4_K", "Q6_K")  # what `packed_parts` packs straight from the file
 
 
 def quantized_linear_parts(t: GGUFTensor, heads: int | None = None) -> tuple[int, dict[str, torch.Tensor]] | None:

@@ -111,17 +111,23 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_stored(cls, t: dict[str, torch.Tensor], group_size: int | None = None, dtype=None) -> "Int8Linear":
         if "packed" in t:
-            return cls.from_packed(t["packed"], _bias(t, dtype))
+            return cls.from_packed(t["packed"], _bias(t, dtype), t.get("scales"))
         scales = t["scales"]
         return cls(t["qweight"], scales.float() if scales.dim() == 1 else scales.half(), _bias(t, dtype))
 
     @classmethod
-    def from_packed(cls, packed: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
-        """Grouped int8 (groups of 32) already in the native kernel's layout (`cpu_kernels.pack_ggml_q8_0`:
-        GGUF Q8_0 blocks packed straight from the file)."""
+    def from_packed(cls, packed: torch.Tensor, bias: torch.Tensor | None = None,
+                    row_scales: torch.Tensor | None = None) -> "Int8Linear":
+        """Int8 already in the native kernel's layout: grouped (groups of 32, `cpu_kernels.pack_ggml_q8_0`:
+        GGUF Q8_0 blocks packed straight from the file), or per channel with fp32 `row_scales` [out]
+        (`cpu_kernels.requant_ggml_q6_k`)."""
         self = _native_from_packed(cls, packed, bias)
         self._block = self.group_size
-        self._scales = self._row_scales = self._qweight = None
+        if row_scales is not None:
+            self.group_size = None
+        self._scales = row_scales
+        self._row_scales = None if row_scales is None else cpu_kernels.pad_rows(row_scales.float())
+        self._qweight = None
         return self
 
     def dequantize(self) -> torch.Tensor:
@@ -609,7 +615,9 @@ def load_quantized_modules(model: nn.Module, qcfg: dict, tensors: dict[str, torc
         cls = _module_class(name, bits)
         parts = {}
         # "packed": GGUF blocks already in the native kernel's layout (phi3.gguf), else the stored form
-        for key in ("packed",) if f"{name}.packed" in tensors else cls.STORED:
+        keys = [k for k in ("packed", "scales") if f"{name}.{k}" in tensors] if f"{name}.packed" in tensors \
+            else cls.STORED
+        for key in keys:
             full = f"{name}.{key}"
             if full not in tensors:
                 raise CheckpointError(f"{source}: missing tensor {full} (quantized {bits}-bit module {name})")

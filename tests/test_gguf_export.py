@@ -367,3 +367,21 @@ def test_q4_k_sub_blocks_pack_as_int4_groups():
     assert ((layer.dequantize() - w).abs() <= bound + 1e-6).all()
     x = torch.randn(3, cols)
     assert (layer(x) - x @ w.T).abs().max() < 0.02 * (x @ w.T).abs().max()
+
+
+def test_q6_k_requantized_in_one_pass_as_in_tensor_ops():
+    """Q6_K -> int8 per channel in C, straight into the kernel layout: the very bytes and scales of
+    dequantizing and requantizing with tensor ops (`quantize_int8_rows`)."""
+    from phi3 import cpu_kernels
+    from phi3.gguf import _portable_linear_parts, packed_parts
+    from .test_gguf import _raw_for
+    if cpu_kernels.library() is None:
+        pytest.skip("no native kernels on this machine")
+    t = GGUFTensor("blk.0.ffn_down.weight", "Q6_K", (24, 512), _raw_for("Q6_K", (24, 512)))
+    bits, parts = packed_parts(t)
+    assert bits == 8 and sorted(parts) == ["packed", "scales"]
+    direct, reference = Int8Linear.from_stored(parts), Int8Linear.from_stored(_portable_linear_parts(t)[1])
+    assert direct.group_size is None and torch.equal(direct.packed, reference.packed)
+    assert torch.equal(direct.scales, reference.scales) and torch.equal(direct.dequantize(), reference.dequantize())
+    x = torch.randn(3, 512)
+    assert torch.equal(direct(x), reference(x))
