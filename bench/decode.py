@@ -5,7 +5,7 @@
 
 Set-up (cached in --workdir): random phi-3-mini-shaped weights (speed does not depend on the
 values) written once as our bf16 HF checkpoint and as a GGUF F16 by `phi3.gguf_export`; llama.cpp's
-own quantizer makes Q4_0 and Q8_0 from that F16 file; `phi3.quant` makes our int4 checkpoint
+own quantizer makes Q4_0, Q8_0 and Q4_K_M from that F16 file; `phi3.quant` makes our int4 checkpoint
 (`phi3 quantize --bits 4 --group-size 64 --embedding-bits 4`: int8 head, int4 embedding).
 Every engine then runs in a fresh subprocess (so peak RSS is its own), engines interleaved,
 `--rounds` times: load, prefill of --prompt tokens, --new greedy tokens. Our int4/int8 load the
@@ -36,6 +36,8 @@ ENGINES = {  # name -> (artifact, kind[, extra environment])
     "phi3 int4 (Q4_0 file)": ("q4_0.gguf", "ours"),
     "phi3 int4 (Q4_0 file) 2-level act.": ("q4_0.gguf", "ours", {"PHI3_ACTIVATION_LEVELS": "2"}),
     "llama.cpp Q4_0": ("q4_0.gguf", "llama"),
+    "phi3 int4 (Q4_K_M file)": ("q4_k_m.gguf", "ours"),
+    "llama.cpp Q4_K_M": ("q4_k_m.gguf", "llama"),
     "phi3 int8 (Q8_0 file)": ("q8_0.gguf", "ours"),
     "llama.cpp Q8_0": ("q8_0.gguf", "llama"),
     "phi3 int4 g64 (ours)": ("int4-g64", "ours"),
@@ -44,7 +46,7 @@ ENGINES = {  # name -> (artifact, kind[, extra environment])
     "transformers bf16": ("bf16", "hf"),
 }
 PAIRS = [("phi3 int4 (Q4_0 file)", "llama.cpp Q4_0"), ("phi3 int4 (Q4_0 file) 2-level act.", "llama.cpp Q4_0"),
-         ("phi3 int8 (Q8_0 file)", "llama.cpp Q8_0"),
+         ("phi3 int4 (Q4_K_M file)", "llama.cpp Q4_K_M"), ("phi3 int8 (Q8_0 file)", "llama.cpp Q8_0"),
          ("phi3 int4 g64 (ours)", "llama.cpp Q4_0"), ("phi3 bf16", "llama.cpp F16")]
 
 
@@ -82,7 +84,8 @@ def build_artifacts(work: Path, layers: int) -> None:
         write_gguf(model, tok, work / "f16.gguf", "f16", name="phi-3-mini-random", progress=True)
         del model
     import llama_cpp
-    for kind, ftype in (("q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0), ("q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0)):
+    for kind, ftype in (("q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0), ("q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0),
+                        ("q4_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)):
         if not (work / f"{kind}.gguf").exists():
             print(f"llama.cpp quantize -> {kind}.gguf", flush=True)
             params = llama_cpp.llama_model_quantize_default_params()

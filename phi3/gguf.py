@@ -781,7 +781,7 @@ def gguf_quantized_state_dict(f: GGUFFile, dtype: torch.dtype = torch.float32) -
         t = f.tensors[gguf_name]
         parts = None
         if not _stays_dense(t, hf_name):
-            parts = (native_parts(t) if hf_name == "model.embed_tokens.weight"
+            parts = (_table_parts(t) if hf_name == "model.embed_tokens.weight"
                      else quantized_linear_parts(t, _permuted_heads(heads, hf_name)))
         if parts is None:
             dense[hf_name] = dequantize(t, dtype)
@@ -803,11 +803,29 @@ def gguf_quantized_state_dict(f: GGUFFile, dtype: torch.dtype = torch.float32) -
     return sd, section
 
 
+def _table_types() -> tuple[str, ...]:
+    """The token-table types that load quantized: Q4_0 / Q4_1 / Q8_0 as they are, and Q4_K as int4
+    groups of 32 where the native kernels run (its packing gives the groups)."""
+    from . import cpu_kernels
+
+    return (*NATIVE_INT4, "Q8_0", *(("Q4_K",) if cpu_kernels.library() is not None else ()))
+
+
+def _table_parts(t: GGUFTensor) -> tuple[int, dict[str, torch.Tensor]]:
+    """(bits, stored parts) of a quantized token table (`_table_types`)."""
+    if t.qtype == "Q4_K":
+        packed = packed_parts(t)
+        if packed is not None:  # the sub-blocks as int4 groups, in the portable form a table reads
+            return 4, _portable(*packed)
+    return native_parts(t)
+
+
 def _stays_dense(t: GGUFTensor, hf_name: str) -> bool:
     """Whether `gguf_quantized_state_dict` loads this tensor dense (else quantized): the token
-    embedding keeps Q4_0 / Q4_1 / Q8_0 blocks; a matrix of any quantized type is a quantized linear."""
+    embedding keeps Q4_0 / Q4_1 / Q8_0 blocks (and Q4_K's, `_table_types`); a matrix of any quantized
+    type is a quantized linear."""
     if hf_name == "model.embed_tokens.weight":
-        return t.qtype not in (*NATIVE_INT4, "Q8_0")
+        return t.qtype not in _table_types() or (t.qtype == "Q4_K" and t.shape[0] % 8 != 0)
     return len(t.shape) != 2 or t.qtype not in (*NATIVE_INT4, "Q8_0", *REQUANT_INT4, *REQUANT_INT8)
 
 

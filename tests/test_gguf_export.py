@@ -367,6 +367,13 @@ def test_q4_k_sub_blocks_pack_as_int4_groups():
     assert ((layer.dequantize() - w).abs() <= bound + 1e-6).all()
     x = torch.randn(3, cols)
     assert (layer(x) - x @ w.T).abs().max() < 0.02 * (x @ w.T).abs().max()
+    # a Q4_K token table loads as an int4 table of the same groups, not as a dense fp32 copy
+    from phi3.gguf import _stays_dense, _table_parts
+    table_tensor = GGUFTensor("token_embd.weight", "Q4_K", (rows, cols), t.raw)
+    assert not _stays_dense(table_tensor, "model.embed_tokens.weight")
+    bits, table_parts = _table_parts(table_tensor)
+    table = Int4Embedding.from_stored(table_parts, dtype=torch.float32)
+    assert bits == 4 and torch.equal(table.dequantize(), expected)
 
 
 def test_q6_k_requantized_in_one_pass_as_in_tensor_ops():
