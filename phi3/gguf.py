@@ -49,6 +49,8 @@ BLOCK_LAYOUT: dict[str, tuple[int, int]] = {
     "Q8_0": (32, 34),
     "Q4_0": (32, 18),
     "Q4_1": (32, 20),
+    "Q5_0": (32, 22),
+    "Q5_1": (32, 24),
     "Q4_K": (256, 144),
     "Q5_K": (256, 176),
     "Q6_K": (256, 210),
@@ -370,6 +372,23 @@ def _dequant_q4_1(blocks: torch.Tensor) -> torch.Tensor:
     return q.mul_(d).add_(m)
 
 
+def _q5(blocks: torch.Tensor, qh_start: int) -> torch.Tensor:
+    """Q5_0 / Q5_1: the 32 5-bit values of each block (nb, 32) float32; bit k of the 4 bytes at
+    `qh_start` is the fifth bit of weight k, the 16 bytes after them its nibbles (low: 0..15)."""
+    qh = blocks[:, qh_start:qh_start + 4].to(torch.int64)
+    qh = qh[:, 0] | qh[:, 1] << 8 | qh[:, 2] << 16 | qh[:, 3] << 24  # (nb,)
+    high = ((qh[:, None] >> torch.arange(32)) & 1) << 4  # (nb, 32)
+    return _nibbles(blocks[:, qh_start + 4:qh_start + 20], 1).view(-1, 32).add_(high)
+
+
+def _dequant_q5_0(blocks: torch.Tensor) -> torch.Tensor:
+    return _q5(blocks, 2).sub_(16).mul_(_f16(blocks, 0))
+
+
+def _dequant_q5_1(blocks: torch.Tensor) -> torch.Tensor:
+    return _q5(blocks, 4).mul_(_f16(blocks, 0)).add_(_f16(blocks, 2))
+
+
 def _k_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_K/Q5_K: 12 packed bytes -> eight 6-bit scales and eight 6-bit mins, (nb, 8) float32 each.
 
@@ -426,6 +445,8 @@ _BLOCK_KERNELS = {
     "Q8_0": _dequant_q8_0,
     "Q4_0": _dequant_q4_0,
     "Q4_1": _dequant_q4_1,
+    "Q5_0": _dequant_q5_0,
+    "Q5_1": _dequant_q5_1,
     "Q4_K": _dequant_q4_k,
     "Q5_K": _dequant_q5_k,
     "Q6_K": _dequant_q6_k,
@@ -626,7 +647,7 @@ def gguf_state_dict(f: GGUFFile, dtype: torch.dtype = torch.float32) -> dict[str
 # Other embeddings, norms and F32/F16/BF16 linears are dense.
 NATIVE_INT4 = ("Q4_0", "Q4_1")
 REQUANT_INT4 = ("Q4_K", "Q5_K")
-REQUANT_INT8 = ("Q6_K",)
+REQUANT_INT8 = ("Q6_K", "Q5_1")
 GROUP = 32
 
 
@@ -675,13 +696,23 @@ def native_int8(t: GGUFTensor) -> dict[str, torch.Tensor]:
     return {"qweight": q, "scales": d.clone()}
 
 
+def q5_0_int8(t: GGUFTensor) -> dict[str, torch.Tensor]:
+    """Q5_0 -> grouped int8 parts with no change of value: w = d·(q − 16), q − 16 in −16..15."""
+    blocks, rows, cols = _block_fields(t)
+    q = _q5(blocks.reshape(-1, blocks.shape[-1]), 2).sub_(16).to(torch.int8).view(rows, cols)
+    d = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0]  # [rows, groups]
+    return {"qweight": q, "scales": d.clone()}
+
+
 def native_parts(t: GGUFTensor) -> tuple[int, dict[str, torch.Tensor]] | None:
     """(bits, stored parts) of a tensor whose blocks load without a change of value: Q4_0/Q4_1 as
-    int4, Q8_0 as grouped int8; None for any other type."""
+    int4, Q8_0 and Q5_0 as grouped int8; None for any other type."""
     if t.qtype in NATIVE_INT4:
         return 4, native_int4(t)
     if t.qtype == "Q8_0":
         return 8, native_int8(t)
+    if t.qtype == "Q5_0":
+        return 8, q5_0_int8(t)
     return None
 
 
@@ -728,7 +759,7 @@ def _portable_linear_parts(t: GGUFTensor) -> tuple[int, dict[str, torch.Tensor]]
 
     if len(t.shape) != 2:
         return None
-    if t.qtype in NATIVE_INT4 or t.qtype == "Q8_0":
+    if t.qtype in (*NATIVE_INT4, "Q8_0", "Q5_0"):
         return native_parts(t)
     if t.qtype in REQUANT_INT4:
         def int4(w):
@@ -808,7 +839,7 @@ def _table_types() -> tuple[str, ...]:
     groups of 32 where the native kernels run (its packing gives the groups)."""
     from . import cpu_kernels
 
-    return (*NATIVE_INT4, "Q8_0", *(("Q4_K",) if cpu_kernels.library() is not None else ()))
+    return (*NATIVE_INT4, "Q8_0", "Q5_0", *(("Q4_K",) if cpu_kernels.library() is not None else ()))
 
 
 def _table_parts(t: GGUFTensor) -> tuple[int, dict[str, torch.Tensor]]:
@@ -826,7 +857,7 @@ def _stays_dense(t: GGUFTensor, hf_name: str) -> bool:
     type is a quantized linear."""
     if hf_name == "model.embed_tokens.weight":
         return t.qtype not in _table_types() or (t.qtype == "Q4_K" and t.shape[0] % 8 != 0)
-    return len(t.shape) != 2 or t.qtype not in (*NATIVE_INT4, "Q8_0", *REQUANT_INT4, *REQUANT_INT8)
+    return len(t.shape) != 2 or t.qtype not in (*NATIVE_INT4, "Q8_0", "Q5_0", *REQUANT_INT4, *REQUANT_INT8)
 
 
 def dense_parameters(f: GGUFFile) -> int:

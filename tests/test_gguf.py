@@ -61,6 +61,8 @@ DEQUANT_CASES = [
     ("Q8_0", (37, 96)), ("Q8_0", (3, 5, 64)), ("Q8_0", (1, 32)),
     ("Q4_0", (37, 96)), ("Q4_0", (3, 5, 64)),
     ("Q4_1", (37, 96)), ("Q4_1", (3, 5, 64)),
+    ("Q5_0", (37, 96)), ("Q5_0", (3, 5, 64)),
+    ("Q5_1", (37, 96)), ("Q5_1", (3, 5, 64)),
     ("Q4_K", (13, 512)), ("Q4_K", (3, 256)), ("Q4_K", (2, 3, 256)),
     ("Q5_K", (13, 512)), ("Q5_K", (3, 256)),
     ("Q6_K", (13, 512)), ("Q6_K", (3, 256)), ("Q6_K", (2, 3, 256)),
@@ -99,9 +101,9 @@ def test_dequantize_never_returns_a_view_of_the_file(tmp_path):
 
 
 def test_dequantize_unsupported_type_names_tensor_and_type():
-    raw = gguf.quants.quantize(np.ones((2, 32), np.float32), QT.Q5_0)
-    with pytest.raises(CheckpointError, match=r"blk\.3\.ffn_up\.weight.*Q5_0"):
-        dequantize(GGUFTensor("blk.3.ffn_up.weight", "Q5_0", (2, 32), raw))
+    raw = np.zeros((2, 84), np.uint8)  # two Q2_K super-blocks (a type phi3 does not read)
+    with pytest.raises(CheckpointError, match=r"blk\.3\.ffn_up\.weight.*Q2_K"):
+        dequantize(GGUFTensor("blk.3.ffn_up.weight", "Q2_K", (2, 256), raw))
 
 
 def test_dequantize_size_mismatch_is_a_checkpoint_error():

@@ -392,3 +392,50 @@ def test_q6_k_requantized_in_one_pass_as_in_tensor_ops():
     assert torch.equal(direct.scales, reference.scales) and torch.equal(direct.dequantize(), reference.dequantize())
     x = torch.randn(3, 512)
     assert torch.equal(direct(x), reference(x))
+
+
+def test_q5_0_loads_as_grouped_int8_exactly():
+    """Q5_0 (what llama.cpp's K-quant mixes fall back to when a row is not a multiple of 256):
+    w = d·(q − 16) is grouped int8 with the same scale, so it loads with no change of value."""
+    from phi3.gguf import native_parts
+    t = _tensor(QT.Q5_0, torch.randn(40, 96))
+    bits, parts = quantized_linear_parts(t)
+    assert bits == 8 and native_parts(t)[0] == 8
+    layer = Int8Linear.from_stored(parts)
+    assert layer.group_size == 32 and torch.equal(layer.dequantize(), dequantize(t))
+    bits, table_parts = native_parts(t)
+    table = Int8Embedding.from_stored(table_parts, dtype=torch.float32)
+    assert torch.equal(table.dequantize(), dequantize(t))
+
+
+def test_llama_cpp_q4_k_m_mix_loads_quantized(default_gguf, tmp_path):
+    """llama.cpp's own Q4_K_M of the default SmolLM2 mixes Q5_0 (576-wide rows are not a multiple of
+    256), Q4_K, Q6_K and Q8_0 — fused q/k/v of different types included. Every projection loads
+    quantized; the exact ones (Q5_0, Q8_0) equal the dense weights, the rest are close; teacher-forced
+    top-1 agrees with the dequantized model."""
+    import llama_cpp
+    out = tmp_path / "smollm2-q4_k_m.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.allow_requantize = True
+    params.nthread = 2
+    assert llama_cpp.llama_model_quantize(str(default_gguf).encode(), str(out).encode(), params) == 0
+    types = {t.qtype for t in read_gguf(out).tensors.values()}
+    assert {"Q5_0", "Q6_K", "Q8_0"} <= types
+    dense, native = phi3.load(out, dequantize=True), phi3.load(out)
+    for i, layer in enumerate(native.model.model.layers):
+        for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+            module, weight = layer.get_submodule(name), dense.model.model.layers[i].get_submodule(name).weight
+            assert isinstance(module, (Int4Linear, Int8Linear)), (i, name)
+            assert (module.dequantize() - weight).abs().max() <= 0.02 * weight.abs().max(), (i, name)
+    qkv = native.model.model.layers[0].self_attn.qkv_proj  # Q5_0 q and k beside a Q8_0 v: exact
+    assert torch.equal(qkv.dequantize(), dense.model.model.layers[0].self_attn.qkv_proj.weight)
+    prompt = dense.chat_prompt("What is the capital of France?")
+    steps = generate_tokens(dense.model, [prompt], SamplingParams(max_new_tokens=32, temperature=0.0),
+                            dense.tokenizer.stop_token_ids)
+    answer = [step[0] for step in steps]
+    ids = torch.tensor([prompt + answer])
+    with torch.no_grad():
+        a, b = dense.model(ids).argmax(-1), native.model(ids).argmax(-1)
+    agree = (a == b)[0, -len(answer):].float().mean().item()
+    assert agree >= 0.9, f"top-1 agreement {agree:.2f}"
