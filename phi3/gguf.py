@@ -648,6 +648,7 @@ def gguf_state_dict(f: GGUFFile, dtype: torch.dtype = torch.float32) -> dict[str
 NATIVE_INT4 = ("Q4_0", "Q4_1")
 REQUANT_INT4 = ("Q4_K", "Q5_K")
 REQUANT_INT8 = ("Q6_K", "Q5_1")
+EXACT_TYPES = (*NATIVE_INT4, "Q8_0", "Q5_0")  # what `native_parts` converts with no change of value
 GROUP = 32
 
 
@@ -717,11 +718,12 @@ def native_parts(t: GGUFTensor) -> tuple[int, dict[str, torch.Tensor]] | None:
 
 
 def packed_parts(t: GGUFTensor, heads: int | None = None) -> tuple[int, dict[str, torch.Tensor]] | None:
-    """(bits, {"packed": ...}): Q4_0 / Q4_1 / Q8_0 blocks packed straight into the native kernels'
-    layout in one pass (Q4_K too: its sub-blocks of 32 are int4 groups, the scales rounded to fp16;
-    Q6_K requantized to int8 per channel exactly as `_portable_linear_parts` does, with "scales") (`Int4Linear.from_packed`, `Int8Linear.from_packed`), llama q/k rows of `heads`
-    heads unpermuted on the blocks first. None where the native kernels do not run here or the rows
-    are not a multiple of 8 (they then go through the portable parts of `native_parts`)."""
+    """(bits, {"packed": ...}): blocks packed straight into the native kernels' layout in one pass, for
+    `Int4Linear.from_packed` / `Int8Linear.from_packed`. Q4_0 / Q4_1 / Q8_0 unchanged; Q4_K's
+    sub-blocks of 32 as int4 groups (scale and min rounded to fp16); Q6_K requantized to int8 per
+    channel exactly as `_portable_linear_parts` does (plus "scales"). Llama q/k rows of `heads` heads
+    are unpermuted on the blocks first. None where the native kernels do not run here or the rows are
+    not a multiple of 8 (those take `_portable_linear_parts`)."""
     from . import cpu_kernels
 
     lib = cpu_kernels.library()
@@ -759,7 +761,7 @@ def _portable_linear_parts(t: GGUFTensor) -> tuple[int, dict[str, torch.Tensor]]
 
     if len(t.shape) != 2:
         return None
-    if t.qtype in (*NATIVE_INT4, "Q8_0", "Q5_0"):
+    if t.qtype in EXACT_TYPES:
         return native_parts(t)
     if t.qtype in REQUANT_INT4:
         def int4(w):
@@ -835,11 +837,11 @@ def gguf_quantized_state_dict(f: GGUFFile, dtype: torch.dtype = torch.float32) -
 
 
 def _table_types() -> tuple[str, ...]:
-    """The token-table types that load quantized: Q4_0 / Q4_1 / Q8_0 as they are, and Q4_K as int4
-    groups of 32 where the native kernels run (its packing gives the groups)."""
+    """The token-table types that load quantized: Q4_0 / Q4_1 / Q8_0 / Q5_0 as they are, and Q4_K as
+    int4 groups of 32 where the native kernels run (its packing gives the groups)."""
     from . import cpu_kernels
 
-    return (*NATIVE_INT4, "Q8_0", "Q5_0", *(("Q4_K",) if cpu_kernels.library() is not None else ()))
+    return (*EXACT_TYPES, *(("Q4_K",) if cpu_kernels.library() is not None else ()))
 
 
 def _table_parts(t: GGUFTensor) -> tuple[int, dict[str, torch.Tensor]]:
@@ -856,8 +858,9 @@ def _stays_dense(t: GGUFTensor, hf_name: str) -> bool:
     embedding keeps Q4_0 / Q4_1 / Q8_0 blocks (and Q4_K's, `_table_types`); a matrix of any quantized
     type is a quantized linear."""
     if hf_name == "model.embed_tokens.weight":
-        return t.qtype not in _table_types() or (t.qtype == "Q4_K" and t.shape[0] % 8 != 0)
-    return len(t.shape) != 2 or t.qtype not in (*NATIVE_INT4, "Q8_0", "Q5_0", *REQUANT_INT4, *REQUANT_INT8)
+        from .cpu_kernels import ROWS
+        return t.qtype not in _table_types() or (t.qtype == "Q4_K" and t.shape[0] % ROWS != 0)
+    return len(t.shape) != 2 or t.qtype not in (*EXACT_TYPES, *REQUANT_INT4, *REQUANT_INT8)
 
 
 def dense_parameters(f: GGUFFile) -> int:
