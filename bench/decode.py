@@ -5,7 +5,8 @@
 
 Set-up (cached in --workdir): random phi-3-mini-shaped weights (speed does not depend on the
 values) written once as our bf16 HF checkpoint and as a GGUF F16 by `phi3.gguf_export`; llama.cpp's
-own quantizer makes Q4_0, Q8_0 and Q4_K_M from that F16 file; `phi3.quant` makes our int4 checkpoint
+own quantizer makes Q4_0, Q8_0, Q4_K_M, Q5_K_M, Q3_K_M and IQ4_XS from that F16 file (those the chosen
+engines need); `phi3.quant` makes our int4 checkpoint
 (`phi3 quantize --bits 4 --group-size 64 --embedding-bits 4`: int8 head, int4 embedding).
 Every engine then runs in a fresh subprocess (so peak RSS is its own), engines interleaved,
 `--rounds` times: load, prefill of --prompt tokens, --new greedy tokens. Our int4/int8 load the
@@ -38,6 +39,12 @@ ENGINES = {  # name -> (artifact, kind[, extra environment])
     "llama.cpp Q4_0": ("q4_0.gguf", "llama"),
     "phi3 int4 (Q4_K_M file)": ("q4_k_m.gguf", "ours"),
     "llama.cpp Q4_K_M": ("q4_k_m.gguf", "llama"),
+    "phi3 (Q5_K_M file)": ("q5_k_m.gguf", "ours"),
+    "llama.cpp Q5_K_M": ("q5_k_m.gguf", "llama"),
+    "phi3 (Q3_K_M file)": ("q3_k_m.gguf", "ours"),
+    "llama.cpp Q3_K_M": ("q3_k_m.gguf", "llama"),
+    "phi3 (IQ4_XS file)": ("iq4_xs.gguf", "ours"),
+    "llama.cpp IQ4_XS": ("iq4_xs.gguf", "llama"),
     "phi3 int8 (Q8_0 file)": ("q8_0.gguf", "ours"),
     "llama.cpp Q8_0": ("q8_0.gguf", "llama"),
     "phi3 int4 g64 (ours)": ("int4-g64", "ours"),
@@ -46,12 +53,15 @@ ENGINES = {  # name -> (artifact, kind[, extra environment])
     "transformers bf16": ("bf16", "hf"),
 }
 PAIRS = [("phi3 int4 (Q4_0 file)", "llama.cpp Q4_0"), ("phi3 int4 (Q4_0 file) 2-level act.", "llama.cpp Q4_0"),
-         ("phi3 int4 (Q4_K_M file)", "llama.cpp Q4_K_M"), ("phi3 int8 (Q8_0 file)", "llama.cpp Q8_0"),
+         ("phi3 int4 (Q4_K_M file)", "llama.cpp Q4_K_M"), ("phi3 (Q5_K_M file)", "llama.cpp Q5_K_M"),
+         ("phi3 (Q3_K_M file)", "llama.cpp Q3_K_M"), ("phi3 (IQ4_XS file)", "llama.cpp IQ4_XS"),
+         ("phi3 int8 (Q8_0 file)", "llama.cpp Q8_0"),
          ("phi3 int4 g64 (ours)", "llama.cpp Q4_0"), ("phi3 bf16", "llama.cpp F16")]
 
 
 # ---- set-up ------------------------------------------------------------------------------------
-def build_artifacts(work: Path, layers: int) -> None:
+def build_artifacts(work: Path, layers: int, artifacts: set[str]) -> None:
+    """The bf16 checkpoint and F16 GGUF, then whichever of the quantized `artifacts` are missing."""
     from phi3.checkpoint import build_model, load_hf_checkpoint, save_hf_checkpoint
     from phi3.config import load_preset, ModelConfig
     from phi3.gguf_export import write_gguf
@@ -84,9 +94,9 @@ def build_artifacts(work: Path, layers: int) -> None:
         write_gguf(model, tok, work / "f16.gguf", "f16", name="phi-3-mini-random", progress=True)
         del model
     import llama_cpp
-    for kind, ftype in (("q4_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0), ("q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0),
-                        ("q4_k_m", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M)):
-        if not (work / f"{kind}.gguf").exists():
+    for kind in ("q4_0", "q8_0", "q4_k_m", "q5_k_m", "q3_k_m", "iq4_xs"):
+        ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}")
+        if f"{kind}.gguf" in artifacts and not (work / f"{kind}.gguf").exists():
             print(f"llama.cpp quantize -> {kind}.gguf", flush=True)
             params = llama_cpp.llama_model_quantize_default_params()
             params.ftype = ftype
@@ -95,7 +105,7 @@ def build_artifacts(work: Path, layers: int) -> None:
                                                 params)
             if rc != 0:
                 raise SystemExit(f"llama_model_quantize failed ({rc})")
-    if not (work / "int4-g64" / "config.json").exists():
+    if "int4-g64" in artifacts and not (work / "int4-g64" / "config.json").exists():
         model = load_hf_checkpoint(work / "bf16")
         print("writing int4-g64 (phi3 quantize --bits 4 --group-size 64 --embedding-bits 4)", flush=True)
         quantize_model(model, bits=4, group_size=64, embedding_bits=4)
@@ -220,10 +230,13 @@ def main() -> None:
         return
 
     work = Path(args.workdir) / f"layers{args.layers}"
-    build_artifacts(work, args.layers)
+    engines = [e.strip() for e in args.engines.split(",")]
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown:
+        raise SystemExit(f"unknown engine(s) {unknown}; known: {', '.join(ENGINES)}")
+    build_artifacts(work, args.layers, {ENGINES[e][0] for e in engines})
     if args.rounds == 0:  # set-up only
         return
-    engines = [e.strip() for e in args.engines.split(",")]
     results: dict[str, list[dict]] = {e: [] for e in engines}
     bandwidth = []
     for r in range(args.rounds):

@@ -159,7 +159,7 @@ def load_build(isa: str) -> ctypes.CDLL | None:
     lib.phi3_pack_ggml_q4.restype = None
     lib.phi3_pack_ggml_q4_k.argtypes = [p, i, i, p, i]
     lib.phi3_pack_ggml_q4_k.restype = None
-    lib.phi3_requant_ggml_q6_k.argtypes = [p, i, i, p, p, i]
+    lib.phi3_requant_ggml_q6_k.argtypes = [p, i, i, p, i]
     lib.phi3_requant_ggml_q6_k.restype = None
     lib.phi3_pack_ggml_q8_0.argtypes = [p, i, i, p, i]
     lib.phi3_pack_ggml_q8_0.restype = None
@@ -383,16 +383,15 @@ def pack_ggml_q4_k(lib, blocks: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def requant_ggml_q6_k(lib, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """GGUF Q6_K super-blocks uint8 [n, k/256, 210] (n a multiple of 8) -> int8 per output channel in
-    the layout of `pack_int8` (block 32, no scales inline) and fp32 row scales [n]: the bytes
-    `pack_int8(*quantize_int8_rows(dequantized))` gives, in one pass."""
+def requant_ggml_q6_k(lib, blocks: torch.Tensor) -> torch.Tensor:
+    """GGUF Q6_K super-blocks uint8 [n, k/256, 210] (n a multiple of 8) -> grouped int8 (groups of 32)
+    in the layout of `pack_ggml_q8_0`: the bytes `pack_int8(*quantize_int8_groups(dequantized))` gives,
+    in one pass."""
     blocks = blocks.contiguous()
     n, nsb, _ = blocks.shape
-    out = torch.empty(n // ROWS, nsb * 8, 8 * INT8_BLOCK, dtype=torch.uint8)
-    scales = torch.empty(n, dtype=torch.float32)
-    lib.phi3_requant_ggml_q6_k(blocks.data_ptr(), n, nsb, out.data_ptr(), scales.data_ptr(), torch.get_num_threads())
-    return out, scales
+    out = torch.empty(n // ROWS, nsb * 8, 16 + 8 * GGML_GROUP, dtype=torch.uint8)
+    lib.phi3_requant_ggml_q6_k(blocks.data_ptr(), n, nsb, out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def pack_ggml_q8_0(lib, blocks: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@
   memory-mapped, so no tensor data is read until a tensor is dequantized. The `gguf` package
   supplies the type tables (ggml type ids, block sizes).
 * `dequantize` turns one tensor's raw blocks into a torch tensor with vectorised torch ops
-  (no Python loop over blocks) for F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K.
+  (no Python loop over blocks) for F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K-Q6_K, IQ4_NL
+  and IQ4_XS; the remaining types llama.cpp writes (IQ1-IQ3, TQ, MXFP4) through gguf-py's reference.
   Each kernel computes in float32 in the same order as ggml's reference, so the result is
   bit-exact with `gguf.quants.dequantize`.
 * `gguf_state_dict` renames llama.cpp tensors to HF names (phi3 and llama architectures), fuses
@@ -55,6 +56,17 @@ BLOCK_LAYOUT: dict[str, tuple[int, int]] = {
     "Q5_K": (256, 176),
     "Q6_K": (256, 210),
 }
+# llama.cpp writes the types below for Q2_K / Q3_K_* / IQ* files and as per-tensor fallbacks in other
+# mixes (a row not a multiple of 256 turns Q3_K into IQ4_NL). Loading quantized, they are requantized
+# (`requant_bits`). The lattice types (IQ1-IQ3), ternary and FP4 ones dequantize through gguf-py's
+# numpy reference (`gguf.quants.dequantize`: ~25 M weights/s here, ~20x slower than our kernels).
+BLOCK_LAYOUT.update({"Q2_K": (256, 84), "Q3_K": (256, 110), "IQ4_NL": (32, 18), "IQ4_XS": (256, 136)})
+GGUF_PY_TYPES: dict[str, tuple[int, int]] = {
+    "IQ1_S": (256, 50), "IQ1_M": (256, 56), "IQ2_XXS": (256, 66), "IQ2_XS": (256, 74), "IQ2_S": (256, 82),
+    "IQ3_XXS": (256, 98), "IQ3_S": (256, 110), "TQ1_0": (256, 54), "TQ2_0": (256, 66), "MXFP4": (32, 17),
+}
+BLOCK_LAYOUT.update(GGUF_PY_TYPES)
+DENSE_TYPES = ("F32", "F16", "BF16")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,11 +327,12 @@ _CHUNK_WEIGHTS = 1 << 22  # float32 scratch per chunk when the target dtype is n
 def _dequantize_blocks(qtype: str, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(n_blocks, type_size) uint8 -> (n_blocks, block_size) in `dtype`.
 
-    The kernels compute in float32 (as ggml does). For float32 their output is the result; for
-    other dtypes we convert chunk by chunk so a large tensor never needs a full float32 copy.
+    The kernels compute in float32 (as ggml does). For float32 our kernels' output is the result; for
+    other dtypes, and for gguf-py's kernels (whose numpy temporaries are several times the output), we
+    convert chunk by chunk so a large tensor never needs a full float32 copy or scratch of its size.
     """
     kernel = _BLOCK_KERNELS[qtype]
-    if dtype == torch.float32:
+    if dtype == torch.float32 and qtype not in GGUF_PY_TYPES:
         return kernel(blocks)
     block_size = BLOCK_LAYOUT[qtype][0]
     out = torch.empty(blocks.shape[0], block_size, dtype=dtype)
@@ -441,7 +454,75 @@ def _dequant_q6_k(blocks: torch.Tensor) -> torch.Tensor:
     return q.mul_(scale).view(-1, 256)
 
 
+def _dequant_q2_k(blocks: torch.Tensor) -> torch.Tensor:
+    # scales[16] (low nibble: scale, high: min, one each per 16 weights), qs[64] (2 bits a weight:
+    # weight l + 32i of a half h is bits 2i, 2i + 1 of qs[32h + l]), d, dmin.
+    scales = blocks[:, 0:16]
+    d, dmin = _f16(blocks, 80), _f16(blocks, 82)  # (nb, 1)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)
+    q = ((blocks[:, 16:80].reshape(-1, 2, 1, 32) >> shifts) & 3).float().view(-1, 16, 16)  # (nb, 16, 16)
+    scale = (d * (scales & 0x0F).float()).unsqueeze(-1)  # (nb, 16, 1)
+    offset = (dmin * (scales >> 4).float()).unsqueeze(-1)
+    return q.mul_(scale).sub_(offset).view(-1, 256)
+
+
+def _dequant_q3_k(blocks: torch.Tensor) -> torch.Tensor:
+    # hmask[32] (bit i of byte l, set: no −4 offset, for weight 32i + l), qs[64] (low 2 bits, as Q2_K),
+    # scales[12] (sixteen 6-bit scales, biased by 32: low nibbles in bytes 0..7, high 2 bits in 8..11), d.
+    d = _f16(blocks, 108)  # (nb, 1)
+    low = (blocks[:, 96:104].reshape(-1, 1, 8) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 2, 1)) & 0x0F
+    high = (blocks[:, 104:108].reshape(-1, 1, 4) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 4, 1)) & 3
+    sc = (low.reshape(-1, 16) | high.reshape(-1, 16) << 4).to(torch.int8).sub_(32).float()  # (nb, 16)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)
+    ql = ((blocks[:, 32:96].reshape(-1, 2, 1, 32) >> shifts) & 3).view(-1, 16, 16)  # (nb, 16, 16)
+    hbit = (blocks[:, 0:32].reshape(-1, 1, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)) & 1
+    q = ql.to(torch.int8) - ((hbit.view(-1, 16, 16) ^ 1) << 2).to(torch.int8)
+    return q.float().mul_((d * sc).unsqueeze(-1)).view(-1, 256)
+
+
+IQ4_VALUES = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
+                          dtype=torch.float32)  # the non-uniform 4-bit grid of IQ4_NL / IQ4_XS
+
+
+def _iq4_values(qs: torch.Tensor) -> torch.Tensor:
+    """(nb, groups·16) bytes -> (nb, groups, 32) grid values; per 16 bytes the low nibbles first."""
+    qs = qs.reshape(qs.shape[0], -1, 1, 16)
+    idx = torch.cat([qs & 0x0F, qs >> 4], dim=2).view(qs.shape[0], -1, 32)
+    return IQ4_VALUES[idx.long()]
+
+
+def _dequant_iq4_nl(blocks: torch.Tensor) -> torch.Tensor:
+    return _iq4_values(blocks[:, 2:18]).view(-1, 32).mul_(_f16(blocks, 0))
+
+
+def _dequant_iq4_xs(blocks: torch.Tensor) -> torch.Tensor:
+    # d, scales_h (uint16: bits 2j, 2j + 1 are the high bits of scale j), scales_l[4] (nibbles: scale
+    # j's low 4 bits), qs[128]: eight sub-blocks of 32 with 6-bit scales biased by 32.
+    d = _f16(blocks, 0)  # (nb, 1)
+    sh = blocks[:, 2:4].to(torch.int32)
+    sh = sh[:, :1] | sh[:, 1:] << 8  # (nb, 1)
+    high = (sh >> torch.arange(0, 16, 2, dtype=torch.int32)) & 3  # (nb, 8)
+    sl = blocks[:, 4:8].reshape(-1, 4, 1) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 2)
+    sc = ((sl.reshape(-1, 8) & 0x0F).to(torch.int32) | high << 4).to(torch.int8).sub_(32).float()  # (nb, 8)
+    return _iq4_values(blocks[:, 8:136]).mul_((d * sc).unsqueeze(-1)).view(-1, 256)
+
+
+def _gguf_py_kernel(qtype: str):
+    """(n_blocks, type_size) uint8 -> (n_blocks, block_size) float32 by gguf-py's reference."""
+    def kernel(blocks: torch.Tensor) -> torch.Tensor:
+        from gguf import GGMLQuantizationType, quants
+
+        out = quants.dequantize(blocks.numpy(), GGMLQuantizationType[qtype])
+        return torch.from_numpy(np.asarray(out, dtype=np.float32))
+    return kernel
+
+
 _BLOCK_KERNELS = {
+    **{qtype: _gguf_py_kernel(qtype) for qtype in GGUF_PY_TYPES},
+    "Q2_K": _dequant_q2_k,
+    "Q3_K": _dequant_q3_k,
+    "IQ4_NL": _dequant_iq4_nl,
+    "IQ4_XS": _dequant_iq4_xs,
     "Q8_0": _dequant_q8_0,
     "Q4_0": _dequant_q4_0,
     "Q4_1": _dequant_q4_1,
@@ -639,17 +720,29 @@ def gguf_state_dict(f: GGUFFile, dtype: torch.dtype = torch.float32) -> dict[str
 # ---------------------------------------------------------------------------------------------
 # Quantized weights kept quantized
 # ---------------------------------------------------------------------------------------------
-# Linear weights load into phi3.quant modules: Q4_0/Q4_1 as int4 and Q8_0 as grouped int8, both
-# bit-exact (groups of 32, fp16 scales); Q4_K/Q5_K are requantized to int4 g32 and Q6_K to int8
-# per channel. A Q4_0/Q4_1/Q8_0 token embedding stays quantized the same way (looked up row by
-# row), and when the head is tied to it, the head is a quantized linear of the same blocks (the
-# dense table would be read in fp32 every token: 113 MB of the 135M default model's ~180 MB).
-# Other embeddings, norms and F32/F16/BF16 linears are dense.
+# Linear weights load into phi3.quant modules: Q4_0/Q4_1 as int4 and Q8_0/Q5_0 as grouped int8, all
+# with no change of value (groups of 32, fp16 scales); Q4_K's sub-blocks become int4 groups (scale and
+# min rounded to fp16). Every other quantized type is requantized by its bits per weight
+# (`requant_bits`): up to 4.5 (Q2_K, Q3_K, IQ4_XS, IQ4_NL, ...) to int4 g32, above that (Q5_K, Q5_1,
+# Q6_K) to grouped int8 (a step ~1/8 of Q6_K's), so that a 5- or 6-bit file keeps its extra bits. The
+# token embedding stays quantized the same way (looked up row by row), and when the head is tied to
+# it, the head is a quantized linear of the same blocks (the dense table would be read in fp32 every
+# token: 113 MB of the 135M default model's ~180 MB). Norms and F32/F16/BF16 tensors are dense.
 NATIVE_INT4 = ("Q4_0", "Q4_1")
-REQUANT_INT4 = ("Q4_K", "Q5_K")
-REQUANT_INT8 = ("Q6_K", "Q5_1")
 EXACT_TYPES = (*NATIVE_INT4, "Q8_0", "Q5_0")  # what `native_parts` converts with no change of value
 GROUP = 32
+
+
+def requant_bits(qtype: str) -> int:
+    """The bits a requantized type loads in: 4 (int4, groups of 32) up to 4.5 bits a weight, else 8
+    (grouped int8, groups of 32: per output channel loses ~40 % more on outlier rows)."""
+    block, size = BLOCK_LAYOUT[qtype]
+    return 4 if size * 8 <= 4.5 * block else 8
+
+
+REQUANT_TYPES = tuple(t for t in BLOCK_LAYOUT if t not in (*DENSE_TYPES, *EXACT_TYPES))
+REQUANT_INT4 = tuple(t for t in REQUANT_TYPES if requant_bits(t) == 4)
+REQUANT_INT8 = tuple(t for t in REQUANT_TYPES if requant_bits(t) == 8)
 
 
 def _block_fields(t: GGUFTensor) -> tuple[torch.Tensor, int, int]:
@@ -720,8 +813,8 @@ def native_parts(t: GGUFTensor) -> tuple[int, dict[str, torch.Tensor]] | None:
 def packed_parts(t: GGUFTensor, heads: int | None = None) -> tuple[int, dict[str, torch.Tensor]] | None:
     """(bits, {"packed": ...}): blocks packed straight into the native kernels' layout in one pass, for
     `Int4Linear.from_packed` / `Int8Linear.from_packed`. Q4_0 / Q4_1 / Q8_0 unchanged; Q4_K's
-    sub-blocks of 32 as int4 groups (scale and min rounded to fp16); Q6_K requantized to int8 per
-    channel exactly as `_portable_linear_parts` does (plus "scales"). Llama q/k rows of `heads` heads
+    sub-blocks of 32 as int4 groups (scale and min rounded to fp16); Q6_K requantized to grouped int8
+    exactly as `_portable_linear_parts` does. Llama q/k rows of `heads` heads
     are unpermuted on the blocks first. None where the native kernels do not run here or the rows are
     not a multiple of 8 (those take `_portable_linear_parts`)."""
     from . import cpu_kernels
@@ -736,9 +829,8 @@ def packed_parts(t: GGUFTensor, heads: int | None = None) -> tuple[int, dict[str
         return 8, {"packed": cpu_kernels.pack_ggml_q8_0(lib, blocks)}
     if t.qtype == "Q4_K":  # sub-blocks of 32 are groups: scale and min rounded to fp16, weights kept
         return 4, {"packed": cpu_kernels.pack_ggml_q4_k(lib, blocks)}
-    if t.qtype == "Q6_K":  # requantized to int8 per channel, as `_portable_linear_parts` does, in C
-        packed, scales = cpu_kernels.requant_ggml_q6_k(lib, blocks)
-        return 8, {"packed": packed, "scales": scales}
+    if t.qtype == "Q6_K":  # requantized to grouped int8, as `_portable_linear_parts` does, in C
+        return 8, {"packed": cpu_kernels.requant_ggml_q6_k(lib, blocks)}
     return 4, {"packed": cpu_kernels.pack_ggml_q4(lib, blocks, with_mins=t.qtype == "Q4_1")}
 
 
@@ -757,7 +849,7 @@ def quantized_linear_parts(t: GGUFTensor, heads: int | None = None) -> tuple[int
 
 
 def _portable_linear_parts(t: GGUFTensor) -> tuple[int, dict[str, torch.Tensor]] | None:
-    from .quant import pack_nibbles, quantize_int4, quantize_int8_rows
+    from .quant import pack_nibbles, quantize_int4, quantize_int8_groups
 
     if len(t.shape) != 2:
         return None
@@ -765,14 +857,15 @@ def _portable_linear_parts(t: GGUFTensor) -> tuple[int, dict[str, torch.Tensor]]
         return native_parts(t)
     if t.qtype in REQUANT_INT4:
         def int4(w):
-            q, scales, mins = quantize_int4(w, GROUP)
+            q, scales, mins = quantize_int4(w, GROUP, refine=REFINE)
             return {"qweight": pack_nibbles(q), "scales": scales, "mins": mins}
         return 4, _requantized(t, int4)
     if t.qtype in REQUANT_INT8:
-        return 8, _requantized(t, lambda w: dict(zip(("qweight", "scales"), quantize_int8_rows(w))))
+        return 8, _requantized(t, lambda w: dict(zip(("qweight", "scales"), quantize_int8_groups(w, GROUP))))
     return None
 
 
+REFINE = 2  # least-squares rounds of the int4 requantization (`quantize_int4`): ~20 % less error, ~4x time
 REQUANT_ROWS = 2048  # rows dequantized at a time when requantizing: bounded fp32 scratch (25 MB at 3072)
 
 
@@ -813,7 +906,7 @@ def gguf_quantized_state_dict(f: GGUFFile, dtype: torch.dtype = torch.float32) -
             continue
         t = f.tensors[gguf_name]
         parts = None
-        if not _stays_dense(t, hf_name):
+        if not _stays_dense(t):
             parts = (_table_parts(t) if hf_name == "model.embed_tokens.weight"
                      else quantized_linear_parts(t, _permuted_heads(heads, hf_name)))
         if parts is None:
@@ -836,31 +929,21 @@ def gguf_quantized_state_dict(f: GGUFFile, dtype: torch.dtype = torch.float32) -
     return sd, section
 
 
-def _table_types() -> tuple[str, ...]:
-    """The token-table types that load quantized: Q4_0 / Q4_1 / Q8_0 / Q5_0 as they are, and Q4_K as
-    int4 groups of 32 where the native kernels run (its packing gives the groups)."""
-    from . import cpu_kernels
-
-    return (*EXACT_TYPES, *(("Q4_K",) if cpu_kernels.library() is not None else ()))
-
-
 def _table_parts(t: GGUFTensor) -> tuple[int, dict[str, torch.Tensor]]:
-    """(bits, stored parts) of a quantized token table (`_table_types`)."""
+    """(bits, stored parts) of a quantized token table: Q4_0 / Q4_1 / Q8_0 / Q5_0 as they are, Q4_K's
+    sub-blocks as int4 groups of 32 where the native kernels run (their packing gives the groups),
+    any other type requantized as a linear of that type would be."""
     if t.qtype == "Q4_K":
         packed = packed_parts(t)
         if packed is not None:  # the sub-blocks as int4 groups, in the portable form a table reads
             return 4, _portable(*packed)
-    return native_parts(t)
+    return _portable_linear_parts(t)
 
 
-def _stays_dense(t: GGUFTensor, hf_name: str) -> bool:
-    """Whether `gguf_quantized_state_dict` loads this tensor dense (else quantized): the token
-    embedding keeps Q4_0 / Q4_1 / Q8_0 blocks (and Q4_K's, `_table_types`); a matrix of any quantized
-    type is a quantized linear."""
-    if hf_name == "model.embed_tokens.weight":
-        from .cpu_kernels import ROWS
-        return t.qtype not in _table_types() or (t.qtype == "Q4_K" and t.shape[0] % ROWS != 0)
-    return len(t.shape) != 2 or t.qtype not in (*EXACT_TYPES, *REQUANT_INT4, *REQUANT_INT8)
+def _stays_dense(t: GGUFTensor) -> bool:
+    """Whether `gguf_quantized_state_dict` loads this tensor dense (else quantized): a matrix of any
+    quantized type is a quantized linear, or a quantized table for the token embedding."""
+    return len(t.shape) != 2 or t.qtype in DENSE_TYPES
 
 
 def dense_parameters(f: GGUFFile) -> int:
@@ -868,7 +951,7 @@ def dense_parameters(f: GGUFFile) -> int:
     total = 0
     for gguf_name, t in f.tensors.items():
         hf_name = hf_tensor_name(f, gguf_name)
-        if hf_name is not None and _stays_dense(t, hf_name):
+        if hf_name is not None and _stays_dense(t):
             total += int(np.prod(t.shape, dtype=np.int64))
     return total
 
@@ -895,7 +978,7 @@ def _concat_parts(parts: list[dict]) -> dict:
 
 
 def _kind(bits: int, parts: dict) -> tuple:
-    """What parts must share to be concatenated: the bits, the part names, and the packed layout's
+    """What parts must share to be concatenated: the bits, the part names, the packed layout's
     bytes per group (Q4_0's scale-only layout differs from Q4_1's)."""
     packed = parts.get("packed")
     return bits, tuple(sorted(parts)), None if packed is None else packed.shape[1:]
@@ -913,8 +996,9 @@ def _portable(bits: int, parts: dict) -> dict:
 def _fuse_quantized(f: GGUFFile, dense: dict[str, torch.Tensor], quant: dict) -> None:
     """Separate projections -> the fused module. Quantized parts alike (same bits and kind) are
     concatenated row-wise as they are; the same bits in different layouts through the portable form;
+    int4 beside int8 requantized together to grouped int8 (no dense copy of the fused matrix);
     a mix of quantized and dense is dequantized and fused densely."""
-    from .quant import Int4Linear, Int8Linear
+    from .quant import quantize_int8_groups
 
     layers = {int(n.split(".")[2]) for n in [*dense, *quant] if n.startswith("model.layers.")}
     for i in sorted(layers):
@@ -934,15 +1018,20 @@ def _fuse_quantized(f: GGUFFile, dense: dict[str, torch.Tensor], quant: dict) ->
                 parts = [_portable(bits, quant.pop(n)[1]) for n in names]
                 quant[target] = (bits, _concat_parts(parts))
                 continue
+            if None not in kinds:  # int4 beside int8 (Q4_K q/k, Q6_K v): all requantized to int8
+                w = torch.cat([_dequantized(*quant.pop(n)) for n in names])
+                quant[target] = (8, dict(zip(("qweight", "scales"), quantize_int8_groups(w, GROUP))))
+                continue
             dtype = next(dense[f"{n}.weight"].dtype for n in names if n not in quant)
-            ws = []
-            for n in names:
-                if n in quant:
-                    bits, p = quant.pop(n)
-                    ws.append((Int4Linear if bits == 4 else Int8Linear).from_stored(p, GROUP).dequantize().to(dtype))
-                else:
-                    ws.append(dense.pop(f"{n}.weight"))
+            ws = [_dequantized(*quant.pop(n)).to(dtype) if n in quant else dense.pop(f"{n}.weight") for n in names]
             dense[f"{target}.weight"] = torch.cat(ws, dim=0)
+
+
+def _dequantized(bits: int, parts: dict) -> torch.Tensor:
+    """Quantized parts (stored or packed) -> the float32 weight they hold."""
+    from .quant import Int4Linear, Int8Linear
+
+    return (Int4Linear if bits == 4 else Int8Linear).from_stored(parts, GROUP).dequantize().float()
 
 
 def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:

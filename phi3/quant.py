@@ -111,22 +111,19 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_stored(cls, t: dict[str, torch.Tensor], group_size: int | None = None, dtype=None) -> "Int8Linear":
         if "packed" in t:
-            return cls.from_packed(t["packed"], _bias(t, dtype), t.get("scales"))
+            return cls.from_packed(t["packed"], _bias(t, dtype))
         scales = t["scales"]
         return cls(t["qweight"], scales.float() if scales.dim() == 1 else scales.half(), _bias(t, dtype))
 
     @classmethod
-    def from_packed(cls, packed: torch.Tensor, bias: torch.Tensor | None = None,
-                    row_scales: torch.Tensor | None = None) -> "Int8Linear":
-        """Int8 already in the native kernel's layout: grouped (groups of 32, `cpu_kernels.pack_ggml_q8_0`:
-        GGUF Q8_0 blocks packed straight from the file), or per channel with fp32 `row_scales` [out]
+    def from_packed(cls, packed: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
+        """Grouped int8 (groups of 32) already in the native kernel's layout: GGUF Q8_0 blocks packed
+        straight from the file (`cpu_kernels.pack_ggml_q8_0`), or Q6_K requantized into it
         (`cpu_kernels.requant_ggml_q6_k`)."""
         self = _native_from_packed(cls, packed, bias)
         self._block = self.group_size
-        if row_scales is not None:
-            self.group_size = None
-        self._scales = row_scales
-        self._row_scales = None if row_scales is None else cpu_kernels.pad_rows(row_scales.float())
+        self._scales = None
+        self._row_scales = None
         self._qweight = None
         return self
 
@@ -151,6 +148,19 @@ class Int8Linear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.cat((x, x), dim=1), self.packed,
                                                            self.group_size, self.scales_and_zeros)
         return _add_bias(y.view(*shape[:-1], self.out_features).to(dtype), self.bias)
+
+
+FP16_MAX = 65504.0
+
+
+def quantize_int8_groups(weight: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [out, in] -> q int8 [out, in], scales fp16 [out, in/group] (symmetric per group, w ≈ q·s:
+    GGUF Q8_0's form). The scale is rounded to fp16 first and q chosen against the rounded value."""
+    out_f, in_f = weight.shape
+    w = weight.detach().float().view(out_f, in_f // group_size, group_size)  # [out, groups, group]
+    scales = (w.abs().amax(-1) / 127.0).clamp(min=6.1e-5, max=FP16_MAX).half()
+    q = torch.round(w / scales.float()[..., None]).clamp(-127, 127).to(torch.int8)
+    return q.view(out_f, in_f), scales
 
 
 def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,21 +196,39 @@ def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return y if bias is None else y + bias.to(y.dtype)
 
 
-FP16_MAX = 65504.0
 
-
-def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_int4(weight: torch.Tensor, group_size: int, refine: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """weight [out, in] -> q int32 [out, in] in 0..15, scales and mins fp16 [out, in/group] (w ≈ q·s + m).
 
-    The fp16 scale and min are rounded first and q is chosen against the rounded values, so the
-    stored triple is the best representation under what is actually stored."""
+    Scale and min span each group's range; `refine` times, they are then moved to the least-squares
+    fit of the levels they give (and the levels chosen again): for values already on a coarser or
+    non-uniform grid (GGUF Q3_K, IQ4_XS, ... requantized) it lowers the error by ~20 %. The fp16 scale
+    and min are rounded first and q is chosen against the rounded values, so the stored triple is the
+    best representation under what is actually stored."""
     out_f, in_f = weight.shape
     w = weight.detach().float().view(out_f, in_f // group_size, group_size)  # [out, groups, group]
     lo, hi = w.amin(-1), w.amax(-1)
-    mins = lo.clamp(-FP16_MAX, FP16_MAX).half()
-    scales = ((hi - mins.float()) / 15.0).clamp(min=6.1e-5, max=FP16_MAX).half()
+    scale, low = ((hi - lo) / 15.0).clamp(min=1e-12), lo
+    for _ in range(refine):
+        scale, low = _least_squares_fit(w, scale, low)
+    mins = low.clamp(-FP16_MAX, FP16_MAX).half()
+    scales = (scale if refine else (hi - mins.float()) / 15.0).clamp(min=6.1e-5, max=FP16_MAX).half()
     q = torch.round((w - mins.float()[..., None]) / scales.float()[..., None]).clamp(0, 15).to(torch.int32)
     return q.view(out_f, in_f), scales, mins
+
+
+def _least_squares_fit(w: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, groups, G]; per group, the (scale, min) minimising |L·scale + min − w|² for the levels L
+    that the current (scale, min) give; groups whose fit degenerates keep theirs."""
+    levels = torch.round((w - low[..., None]) / scale[..., None]).clamp_(0, 15)
+    n = w.shape[-1]
+    sl, sll = levels.sum(-1), (levels * levels).sum(-1)
+    sw, slw = w.sum(-1), (levels * w).sum(-1)
+    det = n * sll - sl * sl
+    fit_scale = (n * slw - sl * sw) / det.clamp(min=1e-12)
+    fit_low = (sll * sw - sl * slw) / det.clamp(min=1e-12)
+    ok = (det > 0) & (fit_scale > 0)
+    return torch.where(ok, fit_scale, scale), torch.where(ok, fit_low, low)
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from phi3.gguf import GGUFTensor, dequantize, gguf_state_dict, gguf_to_hf_config
 # Dequantization vs gguf.quants.dequantize
 # ---------------------------------------------------------------------------------------------
 def _random_k_blocks(rng: np.random.Generator, qtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    """Random K-quant raw bytes (gguf cannot quantize K types) with finite fp16 super-block scales."""
+    """Random K-/I-quant raw bytes (gguf cannot quantize these types) with finite fp16 scales."""
     block_size, type_size = pg.BLOCK_LAYOUT[qtype]
     n_blocks = math.prod(shape) // block_size
     blocks = rng.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
@@ -38,16 +38,18 @@ def _random_k_blocks(rng: np.random.Generator, qtype: str, shape: tuple[int, ...
     def fp16_bytes() -> np.ndarray:
         return rng.uniform(-2, 2, size=(n_blocks, 1)).astype(np.float16).view(np.uint8)
 
-    if qtype in ("Q4_K", "Q5_K"):  # d, dmin at bytes 0..3
-        blocks[:, 0:2], blocks[:, 2:4] = fp16_bytes(), fp16_bytes()
-    else:  # Q6_K: d at bytes 208..209
-        blocks[:, 208:210] = fp16_bytes()
+    for start in FP16_FIELDS[qtype]:
+        blocks[:, start:start + 2] = fp16_bytes()
     return blocks.reshape(*shape[:-1], shape[-1] // block_size * type_size)
+
+
+FP16_FIELDS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q2_K": (80, 82), "Q3_K": (108,),
+               "IQ4_NL": (0,), "IQ4_XS": (0,), "IQ3_S": (0,)}  # byte offsets of each block's fp16 fields
 
 
 def _raw_for(qtype: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    if qtype.endswith("_K"):
+    if qtype in FP16_FIELDS:
         return _random_k_blocks(rng, qtype, shape)
     x = (rng.standard_normal(shape) * 3).astype(np.float32)
     return gguf.quants.quantize(x, QT[qtype])
@@ -66,7 +68,22 @@ DEQUANT_CASES = [
     ("Q4_K", (13, 512)), ("Q4_K", (3, 256)), ("Q4_K", (2, 3, 256)),
     ("Q5_K", (13, 512)), ("Q5_K", (3, 256)),
     ("Q6_K", (13, 512)), ("Q6_K", (3, 256)), ("Q6_K", (2, 3, 256)),
+    ("Q2_K", (13, 512)), ("Q2_K", (2, 3, 256)),
+    ("Q3_K", (13, 512)), ("Q3_K", (2, 3, 256)),
+    ("IQ4_NL", (37, 96)), ("IQ4_NL", (3, 5, 64)),
+    ("IQ4_XS", (13, 512)), ("IQ4_XS", (2, 3, 256)),
+    ("IQ3_S", (13, 512)),  # through gguf-py's own kernel: the chunking around it
 ]
+
+
+def test_block_layouts_are_ggml_s_and_requantized_bits_follow_bits_per_weight():
+    """Every type we read has ggml's block size and bytes; types that do not load unchanged are
+    requantized to int4 up to 4.5 bits a weight and to int8 above (a Q5_K / Q6_K file keeps its bits)."""
+    for name, layout in pg.BLOCK_LAYOUT.items():
+        assert gguf.GGML_QUANT_SIZES[QT[name]] == layout, name
+    assert set(pg.REQUANT_INT4) >= {"Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ2_XXS", "MXFP4"}
+    assert set(pg.REQUANT_INT8) == {"Q5_1", "Q5_K", "Q6_K"}
+    assert not set(pg.REQUANT_INT4) & {*pg.EXACT_TYPES, *pg.DENSE_TYPES}
 
 
 @pytest.mark.parametrize("qtype,shape", DEQUANT_CASES, ids=[f"{q}-{'x'.join(map(str, s))}" for q, s in DEQUANT_CASES])
@@ -101,9 +118,9 @@ def test_dequantize_never_returns_a_view_of_the_file(tmp_path):
 
 
 def test_dequantize_unsupported_type_names_tensor_and_type():
-    raw = np.zeros((2, 84), np.uint8)  # two Q2_K super-blocks (a type phi3 does not read)
-    with pytest.raises(CheckpointError, match=r"blk\.3\.ffn_up\.weight.*Q2_K"):
-        dequantize(GGUFTensor("blk.3.ffn_up.weight", "Q2_K", (2, 256), raw))
+    raw = np.zeros((2, 292), np.uint8)  # two Q8_K super-blocks (ggml's scratch type, never a model's)
+    with pytest.raises(CheckpointError, match=r"blk\.3\.ffn_up\.weight.*Q8_K"):
+        dequantize(GGUFTensor("blk.3.ffn_up.weight", "Q8_K", (2, 256), raw))
 
 
 def test_dequantize_size_mismatch_is_a_checkpoint_error():

@@ -427,58 +427,56 @@ void phi3_pack_ggml_q4_k(const uint8_t *blocks, int N, int nsb, uint8_t *out, in
     }
 }
 
-/* GGUF Q6_K super-blocks (210 bytes: ql[128], qh[64], int8 scales[16], fp16 d) -> int8 per output
- * channel in the per-channel int8 layout (B = 32, no scales inline) plus fp32 row_scale[N]: each row
- * dequantized (w = (q − 32)·(d·sc), as phi3.gguf does), then quantized to round(w / s), s = max|w| / 127
- * (at least 1e-12), as phi3.quant.quantize_int8_rows does: the same bytes in one pass. Weight
- * l + 32i of a half h (i = 0..3) takes its low 4 bits from nibble i/2 of ql[64h + l + 32(i%2)] and
- * its high 2 bits from bits 2i, 2i + 1 of qh[32h + l]. */
-void phi3_requant_ggml_q6_k(const uint8_t *blocks, int N, int nsb, uint8_t *out, float *row_scale, int nthreads) {
-    const int K = nsb * 256, ng = K / 32;
-    #pragma omp parallel num_threads(nthreads)
-    {
-        float *w = malloc(sizeof(float) * (size_t)K);
-        #pragma omp for schedule(static)
-        for (int rb = 0; rb < N / 8; rb++) {
-            for (int i = 0; i < 8; i++) {
-                const int n = rb * 8 + i;
-                float amax = 0.f;
-                for (int sb = 0; sb < nsb; sb++) {
-                    const uint8_t *blk = blocks + ((size_t)n * nsb + sb) * 210;
-                    const int8_t *sc = (const int8_t *)(blk + 192);
-                    uint16_t hd;
-                    memcpy(&hd, blk + 208, 2);
-                    const float d = _cvtsh_ss(hd);
-                    float *o = w + (size_t)sb * 256;
-                    for (int h = 0; h < 2; h++) {
-                        const uint8_t *ql = blk + 64 * h, *qh = blk + 128 + 32 * h;
-                        for (int l = 0; l < 32; l++) {
-                            const int q[4] = {(ql[l] & 15) | (qh[l] & 3) << 4, (ql[l + 32] & 15) | (qh[l] >> 2 & 3) << 4,
-                                              (ql[l] >> 4) | (qh[l] >> 4 & 3) << 4, (ql[l + 32] >> 4) | (qh[l] >> 6 & 3) << 4};
-                            for (int k = 0; k < 4; k++) {
-                                const int j = 128 * h + 32 * k + l;
-                                const float v = (float)(q[k] - 32) * (d * (float)sc[j / 16]);
-                                o[j] = v;
-                                amax = fmaxf(amax, fabsf(v));
-                            }
+/* GGUF Q6_K super-blocks (210 bytes: ql[128], qh[64], int8 scales[16], fp16 d) -> grouped int8 (groups
+ * of 32, the layout of phi3_pack_ggml_q8_0): each group dequantized (w = (q − 32)·(d·sc), as phi3.gguf
+ * does), its scale s = fp16(max|w| / 127) (at least 6.1e-5) and q = round(w / s), as
+ * phi3.quant.quantize_int8_groups does: the same bytes in one pass. Weight l + 32i of a half h
+ * (i = 0..3) takes its low 4 bits from nibble i/2 of ql[64h + l + 32(i%2)] and its high 2 bits from
+ * bits 2i, 2i + 1 of qh[32h + l]. */
+void phi3_requant_ggml_q6_k(const uint8_t *blocks, int N, int nsb, uint8_t *out, int nthreads) {
+    const int ng = nsb * 8;
+    const size_t gbytes = 16 + 256;
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int rb = 0; rb < N / 8; rb++) {
+        for (int i = 0; i < 8; i++) {
+            const int n = rb * 8 + i;
+            for (int sb = 0; sb < nsb; sb++) {
+                const uint8_t *blk = blocks + ((size_t)n * nsb + sb) * 210;
+                const int8_t *sc = (const int8_t *)(blk + 192);
+                uint16_t hd;
+                memcpy(&hd, blk + 208, 2);
+                const float d = _cvtsh_ss(hd);
+                float w[256];
+                for (int h = 0; h < 2; h++) {
+                    const uint8_t *ql = blk + 64 * h, *qh = blk + 128 + 32 * h;
+                    for (int l = 0; l < 32; l++) {
+                        const int q[4] = {(ql[l] & 15) | (qh[l] & 3) << 4, (ql[l + 32] & 15) | (qh[l] >> 2 & 3) << 4,
+                                          (ql[l] >> 4) | (qh[l] >> 4 & 3) << 4, (ql[l + 32] >> 4) | (qh[l] >> 6 & 3) << 4};
+                        for (int k = 0; k < 4; k++) {
+                            const int j = 128 * h + 32 * k + l;
+                            w[j] = (float)(q[k] - 32) * (d * (float)sc[j / 16]);
                         }
                     }
                 }
-                float s = amax / 127.0f;
-                if (s < 1e-12f) s = 1e-12f;
-                row_scale[n] = s;
-                for (int g = 0; g < ng; g++) {
-                    uint8_t *o = out + ((size_t)rb * ng + g) * 256;
+                for (int j = 0; j < 8; j++) {
+                    const float *x = w + 32 * j;
+                    float amax = 0.f;
+                    for (int k = 0; k < 32; k++) amax = fmaxf(amax, fabsf(x[k]));
+                    float s = amax / 127.0f;
+                    s = s < 6.1e-5f ? 6.1e-5f : s;
+                    const uint16_t hs = _cvtss_sh(s, 0);
+                    s = _cvtsh_ss(hs);
+                    uint8_t *o = out + ((size_t)rb * ng + sb * 8 + j) * gbytes;
+                    memcpy(o + 2 * i, &hs, 2);
                     for (int c = 0; c < 8; c++)
                         for (int b = 0; b < 4; b++) {
-                            float r = nearbyintf(w[32 * g + 4 * c + b] / s);
-                            r = r < -128.f ? -128.f : r > 127.f ? 127.f : r;
-                            o[32 * c + 4 * i + b] = (uint8_t)(int8_t)r;
+                            float r = nearbyintf(x[4 * c + b] / s);
+                            r = r < -127.f ? -127.f : r > 127.f ? 127.f : r;
+                            o[16 + 32 * c + 4 * i + b] = (uint8_t)(int8_t)r;
                         }
                 }
             }
         }
-        free(w);
     }
 }
 
