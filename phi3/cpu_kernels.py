@@ -159,8 +159,8 @@ def load_build(isa: str) -> ctypes.CDLL | None:
     lib.phi3_pack_ggml_q4.restype = None
     lib.phi3_pack_ggml_q4_k.argtypes = [p, i, i, p, i]
     lib.phi3_pack_ggml_q4_k.restype = None
-    lib.phi3_requant_ggml_q6_k.argtypes = [p, i, i, p, i]
-    lib.phi3_requant_ggml_q6_k.restype = None
+    lib.phi3_requant_ggml.argtypes = [p, i, i, i, i, p, i]
+    lib.phi3_requant_ggml.restype = None
     lib.phi3_pack_ggml_q8_0.argtypes = [p, i, i, p, i]
     lib.phi3_pack_ggml_q8_0.restype = None
     lib.phi3_int4_rows.argtypes = [p, p, i, i, i, i, p]
@@ -383,14 +383,21 @@ def pack_ggml_q4_k(lib, blocks: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def requant_ggml_q6_k(lib, blocks: torch.Tensor) -> torch.Tensor:
-    """GGUF Q6_K super-blocks uint8 [n, k/256, 210] (n a multiple of 8) -> grouped int8 (groups of 32)
-    in the layout of `pack_ggml_q8_0`: the bytes `pack_int8(*quantize_int8_groups(dequantized))` gives,
-    in one pass."""
+REQUANT_TYPES = ("Q6_K", "Q5_K", "Q3_K", "Q2_K", "IQ4_XS", "IQ4_NL")  # `phi3_requant_ggml`'s, in its order
+
+
+def requant_ggml(lib, blocks: torch.Tensor, qtype: str, bits: int) -> torch.Tensor:
+    """GGUF blocks of `qtype` (one of REQUANT_TYPES) uint8 [n, blocks, bytes] (n a multiple of 8) ->
+    grouped int8 (bits 8: the layout of `pack_ggml_q8_0`, the bytes `quantize_int8_groups` of the
+    dequantized rows gives) or int4 with mins, groups of 32 (bits 4: `quantize_int4(refine=2)`'s fit,
+    equal to it but for float summation order), dequantized and requantized in one pass."""
     blocks = blocks.contiguous()
-    n, nsb, _ = blocks.shape
-    out = torch.empty(n // ROWS, nsb * 8, 16 + 8 * GGML_GROUP, dtype=torch.uint8)
-    lib.phi3_requant_ggml_q6_k(blocks.data_ptr(), n, nsb, out.data_ptr(), torch.get_num_threads())
+    n, nb, _ = blocks.shape
+    groups = nb * (32 if qtype == "IQ4_NL" else 256) // GGML_GROUP
+    head = 16 if bits == 8 else _int4_head(False)
+    out = torch.empty(n // ROWS, groups, head + (8 if bits == 8 else 4) * GGML_GROUP, dtype=torch.uint8)
+    lib.phi3_requant_ggml(blocks.data_ptr(), REQUANT_TYPES.index(qtype), n, nb, bits, out.data_ptr(),
+                          torch.get_num_threads())
     return out
 
 

@@ -813,8 +813,8 @@ def native_parts(t: GGUFTensor) -> tuple[int, dict[str, torch.Tensor]] | None:
 def packed_parts(t: GGUFTensor, heads: int | None = None) -> tuple[int, dict[str, torch.Tensor]] | None:
     """(bits, {"packed": ...}): blocks packed straight into the native kernels' layout in one pass, for
     `Int4Linear.from_packed` / `Int8Linear.from_packed`. Q4_0 / Q4_1 / Q8_0 unchanged; Q4_K's
-    sub-blocks of 32 as int4 groups (scale and min rounded to fp16); Q6_K requantized to grouped int8
-    exactly as `_portable_linear_parts` does. Llama q/k rows of `heads` heads
+    sub-blocks of 32 as int4 groups (scale and min rounded to fp16); Q6_K / Q5_K / Q3_K / Q2_K / IQ4_XS /
+    IQ4_NL requantized as `_portable_linear_parts` does (`requant_bits`). Llama q/k rows of `heads` heads
     are unpermuted on the blocks first. None where the native kernels do not run here or the rows are
     not a multiple of 8 (those take `_portable_linear_parts`)."""
     from . import cpu_kernels
@@ -829,12 +829,13 @@ def packed_parts(t: GGUFTensor, heads: int | None = None) -> tuple[int, dict[str
         return 8, {"packed": cpu_kernels.pack_ggml_q8_0(lib, blocks)}
     if t.qtype == "Q4_K":  # sub-blocks of 32 are groups: scale and min rounded to fp16, weights kept
         return 4, {"packed": cpu_kernels.pack_ggml_q4_k(lib, blocks)}
-    if t.qtype == "Q6_K":  # requantized to grouped int8, as `_portable_linear_parts` does, in C
-        return 8, {"packed": cpu_kernels.requant_ggml_q6_k(lib, blocks)}
+    if t.qtype in cpu_kernels.REQUANT_TYPES:  # requantized as `_portable_linear_parts` does, in C
+        bits = requant_bits(t.qtype)
+        return bits, {"packed": cpu_kernels.requant_ggml(lib, blocks, t.qtype, bits)}
     return 4, {"packed": cpu_kernels.pack_ggml_q4(lib, blocks, with_mins=t.qtype == "Q4_1")}
 
 
-PACKED_TYPES = (*NATIVE_INT4, "Q8_0", "Q4_K", "Q6_K")  # what `packed_parts` packs straight from the file
+PACKED_TYPES = (*NATIVE_INT4, "Q8_0", "Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K", "IQ4_XS", "IQ4_NL")  # `packed_parts`'s
 
 
 def quantized_linear_parts(t: GGUFTensor, heads: int | None = None) -> tuple[int, dict[str, torch.Tensor]] | None:

@@ -119,7 +119,7 @@ class Int8Linear(nn.Module):
     def from_packed(cls, packed: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
         """Grouped int8 (groups of 32) already in the native kernel's layout: GGUF Q8_0 blocks packed
         straight from the file (`cpu_kernels.pack_ggml_q8_0`), or Q6_K requantized into it
-        (`cpu_kernels.requant_ggml_q6_k`)."""
+        (`cpu_kernels.requant_ggml`: Q6_K, Q5_K, ...)."""
         self = _native_from_packed(cls, packed, bias)
         self._block = self.group_size
         self._scales = None

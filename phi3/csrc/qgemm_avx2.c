@@ -427,56 +427,179 @@ void phi3_pack_ggml_q4_k(const uint8_t *blocks, int N, int nsb, uint8_t *out, in
     }
 }
 
-/* GGUF Q6_K super-blocks (210 bytes: ql[128], qh[64], int8 scales[16], fp16 d) -> grouped int8 (groups
- * of 32, the layout of phi3_pack_ggml_q8_0): each group dequantized (w = (q − 32)·(d·sc), as phi3.gguf
- * does), its scale s = fp16(max|w| / 127) (at least 6.1e-5) and q = round(w / s), as
- * phi3.quant.quantize_int8_groups does: the same bytes in one pass. Weight l + 32i of a half h
- * (i = 0..3) takes its low 4 bits from nibble i/2 of ql[64h + l + 32(i%2)] and its high 2 bits from
- * bits 2i, 2i + 1 of qh[32h + l]. */
-void phi3_requant_ggml_q6_k(const uint8_t *blocks, int N, int nsb, uint8_t *out, int nthreads) {
-    const int ng = nsb * 8;
-    const size_t gbytes = 16 + 256;
-    #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int rb = 0; rb < N / 8; rb++) {
-        for (int i = 0; i < 8; i++) {
-            const int n = rb * 8 + i;
-            for (int sb = 0; sb < nsb; sb++) {
-                const uint8_t *blk = blocks + ((size_t)n * nsb + sb) * 210;
-                const int8_t *sc = (const int8_t *)(blk + 192);
-                uint16_t hd;
-                memcpy(&hd, blk + 208, 2);
-                const float d = _cvtsh_ss(hd);
-                float w[256];
-                for (int h = 0; h < 2; h++) {
-                    const uint8_t *ql = blk + 64 * h, *qh = blk + 128 + 32 * h;
-                    for (int l = 0; l < 32; l++) {
-                        const int q[4] = {(ql[l] & 15) | (qh[l] & 3) << 4, (ql[l + 32] & 15) | (qh[l] >> 2 & 3) << 4,
-                                          (ql[l] >> 4) | (qh[l] >> 4 & 3) << 4, (ql[l + 32] >> 4) | (qh[l] >> 6 & 3) << 4};
-                        for (int k = 0; k < 4; k++) {
-                            const int j = 128 * h + 32 * k + l;
-                            w[j] = (float)(q[k] - 32) * (d * (float)sc[j / 16]);
-                        }
-                    }
-                }
-                for (int j = 0; j < 8; j++) {
-                    const float *x = w + 32 * j;
-                    float amax = 0.f;
-                    for (int k = 0; k < 32; k++) amax = fmaxf(amax, fabsf(x[k]));
-                    float s = amax / 127.0f;
-                    s = s < 6.1e-5f ? 6.1e-5f : s;
-                    const uint16_t hs = _cvtss_sh(s, 0);
-                    s = _cvtsh_ss(hs);
-                    uint8_t *o = out + ((size_t)rb * ng + sb * 8 + j) * gbytes;
-                    memcpy(o + 2 * i, &hs, 2);
-                    for (int c = 0; c < 8; c++)
-                        for (int b = 0; b < 4; b++) {
-                            float r = nearbyintf(x[4 * c + b] / s);
-                            r = r < -127.f ? -127.f : r > 127.f ? 127.f : r;
-                            o[16 + 32 * c + 4 * i + b] = (uint8_t)(int8_t)r;
-                        }
+/* ---- GGUF types requantized while loading (phi3.gguf REQUANT_TYPES) ------------------------------
+ * Each block is dequantized exactly as phi3.gguf's torch kernels do (the same float32 operations in
+ * the same order: products and differences are kept apart, never fused, hence fp-contract=off), then
+ * quantized group by group (32 weights) into a kernel layout: grouped int8 for types above 4.5 bits
+ * a weight, int4 with mins for the others. */
+enum { REQ_Q6_K, REQ_Q5_K, REQ_Q3_K, REQ_Q2_K, REQ_IQ4_XS, REQ_IQ4_NL };
+static const int REQ_BLOCK[] = {256, 256, 256, 256, 256, 32}, REQ_BYTES[] = {210, 176, 110, 84, 136, 18};
+static const float IQ4_VALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+static inline float f16_at(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+/* Q4_K / Q5_K: sub-block j's 6-bit scale and min from the 12 packed bytes */
+static inline void k_scale_min(const uint8_t *q, int j, int *sc, int *m) {
+    if (j < 4) { *sc = q[j] & 63; *m = q[j + 4] & 63; }
+    else { *sc = (q[j + 4] & 15) | ((q[j - 4] >> 6) << 4); *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4); }
+}
+
+__attribute__((optimize("fp-contract=off")))
+static void dequant_block(int type, const uint8_t *blk, float *w) {
+    switch (type) {
+    case REQ_Q6_K: {  /* ql[128], qh[64], int8 scales[16], d: weight l + 32i of half h: low 4 bits from
+                         nibble i/2 of ql[64h + l + 32(i%2)], high 2 from bits 2i, 2i+1 of qh[32h + l] */
+        const int8_t *sc = (const int8_t *)(blk + 192);
+        const float d = f16_at(blk + 208);
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *ql = blk + 64 * h, *qh = blk + 128 + 32 * h;
+            for (int l = 0; l < 32; l++) {
+                const int q[4] = {(ql[l] & 15) | (qh[l] & 3) << 4, (ql[l + 32] & 15) | (qh[l] >> 2 & 3) << 4,
+                                  (ql[l] >> 4) | (qh[l] >> 4 & 3) << 4, (ql[l + 32] >> 4) | (qh[l] >> 6 & 3) << 4};
+                for (int k = 0; k < 4; k++) {
+                    const int j = 128 * h + 32 * k + l;
+                    w[j] = (float)(q[k] - 32) * (d * (float)sc[j / 16]);
                 }
             }
         }
+        break;
+    }
+    case REQ_Q5_K: {  /* d, dmin, scales[12], qh[32] (bit j of byte l: 5th bit of weight l of sub-block j),
+                         qs[128] (sub-blocks 2i, 2i+1: low / high nibbles of qs[32i ..]) */
+        const float d = f16_at(blk), dmin = f16_at(blk + 2);
+        for (int j = 0; j < 8; j++) {
+            int sc, m;
+            k_scale_min(blk + 4, j, &sc, &m);
+            const float scale = d * (float)sc, offset = dmin * (float)m;
+            const uint8_t *qs = blk + 48 + 32 * (j / 2);
+            for (int l = 0; l < 32; l++) {
+                const int q = ((j & 1) ? qs[l] >> 4 : qs[l] & 15) | ((blk[16 + l] >> j) & 1) << 4;
+                const float p = (float)q * scale;
+                w[32 * j + l] = p - offset;
+            }
+        }
+        break;
+    }
+    case REQ_Q3_K: {  /* hmask[32], qs[64], scales[12] (sixteen 6-bit, biased by 32), d: weight 32i + l
+                         has low 2 bits (qs[32(i/4) + l] >> 2(i%4)) & 3, minus 4 where bit i of hmask[l] is 0 */
+        const float d = f16_at(blk + 108);
+        float dl[16];
+        for (int k = 0; k < 16; k++) {
+            const int lo = (blk[96 + k % 8] >> (4 * (k / 8))) & 15, hi = (blk[104 + k % 4] >> (2 * (k / 4))) & 3;
+            dl[k] = d * (float)((int8_t)(lo | hi << 4) - 32);
+        }
+        for (int i = 0; i < 8; i++)
+            for (int l = 0; l < 32; l++) {
+                const int q = ((blk[32 + 32 * (i / 4) + l] >> (2 * (i % 4))) & 3) - (((blk[l] >> i) & 1) ? 0 : 4);
+                w[32 * i + l] = (float)q * dl[(32 * i + l) / 16];
+            }
+        break;
+    }
+    case REQ_Q2_K: {  /* scales[16] (scale | min << 4), qs[64] (as Q3_K's low bits), d, dmin */
+        const float d = f16_at(blk + 80), dmin = f16_at(blk + 82);
+        for (int i = 0; i < 8; i++)
+            for (int l = 0; l < 32; l++) {
+                const int f = 32 * i + l, sc = blk[f / 16];
+                const float p = (float)((blk[16 + 32 * (i / 4) + l] >> (2 * (i % 4))) & 3) * (d * (float)(sc & 15));
+                w[f] = p - dmin * (float)(sc >> 4);
+            }
+        break;
+    }
+    case REQ_IQ4_XS: {  /* d, scales_h (u16: bits 2j, 2j+1), scales_l[4] (nibbles), qs[128]: sub-block j of 32,
+                           6-bit scale biased by 32, values from the IQ4 grid (low nibbles first) */
+        const float d = f16_at(blk);
+        const int sh = blk[2] | blk[3] << 8;
+        for (int j = 0; j < 8; j++) {
+            const int sc = (((blk[4 + j / 2] >> (4 * (j % 2))) & 15) | ((sh >> (2 * j)) & 3) << 4) - 32;
+            const float dl = d * (float)sc;
+            const uint8_t *qs = blk + 8 + 16 * j;
+            for (int l = 0; l < 32; l++) w[32 * j + l] = IQ4_VALUES[l < 16 ? qs[l] & 15 : qs[l - 16] >> 4] * dl;
+        }
+        break;
+    }
+    case REQ_IQ4_NL: {  /* d, qs[16]: the IQ4 grid, low nibbles first */
+        const float d = f16_at(blk);
+        for (int l = 0; l < 32; l++) w[l] = IQ4_VALUES[l < 16 ? blk[2 + l] & 15 : blk[2 + l - 16] >> 4] * d;
+        break;
+    }
+    }
+}
+
+/* 32 weights -> row i of a grouped int8 group (the layout of phi3_pack_ggml_q8_0): s = fp16(max|w| / 127)
+ * (at least 6.1e-5), q = round(w / s), as phi3.quant.quantize_int8_groups does */
+static void int8_group(const float *x, int i, uint8_t *o) {
+    float amax = 0.f;
+    for (int k = 0; k < 32; k++) amax = fmaxf(amax, fabsf(x[k]));
+    float s = amax / 127.0f;
+    s = s < 6.1e-5f ? 6.1e-5f : s;
+    const uint16_t hs = _cvtss_sh(s, 0);
+    s = _cvtsh_ss(hs);
+    memcpy(o + 2 * i, &hs, 2);
+    for (int c = 0; c < 8; c++)
+        for (int b = 0; b < 4; b++) {
+            float r = nearbyintf(x[4 * c + b] / s);
+            r = r < -127.f ? -127.f : r > 127.f ? 127.f : r;
+            o[16 + 32 * c + 4 * i + b] = (uint8_t)(int8_t)r;
+        }
+}
+
+/* 32 weights -> row i of an int4 group with mins (the layout of phi3_pack_int4, G = 32), as
+ * phi3.quant.quantize_int4(refine=2) does: scale and min from the range, then twice the least-squares
+ * fit of the levels they give (kept only where it is a real fit), both rounded to fp16, q = round((w −
+ * m) / s) in 0..15. Sums in another order than torch's: the bytes may differ from it in the last bit. */
+__attribute__((optimize("fp-contract=off")))
+static void int4_group(const float *x, int i, uint8_t *o) {
+    float lo = x[0], hi = x[0];
+    for (int k = 1; k < 32; k++) { lo = fminf(lo, x[k]); hi = fmaxf(hi, x[k]); }
+    float scale = (hi - lo) / 15.0f, low = lo;
+    scale = scale < 1e-12f ? 1e-12f : scale;
+    for (int it = 0; it < 2; it++) {
+        float sl = 0, sll = 0, sw = 0, slw = 0;
+        for (int k = 0; k < 32; k++) {
+            float l = nearbyintf((x[k] - low) / scale);
+            l = l < 0.f ? 0.f : l > 15.f ? 15.f : l;
+            sl += l; sll += l * l; sw += x[k]; slw += l * x[k];
+        }
+        const float det = 32.0f * sll - sl * sl, dc = det < 1e-12f ? 1e-12f : det;
+        const float fs = (32.0f * slw - sl * sw) / dc, fl = (sll * sw - sl * slw) / dc;
+        if (det > 0.f && fs > 0.f) { scale = fs; low = fl; }
+    }
+    low = low < -65504.f ? -65504.f : low > 65504.f ? 65504.f : low;
+    scale = scale < 6.1e-5f ? 6.1e-5f : scale > 65504.f ? 65504.f : scale;
+    const uint16_t hs = _cvtss_sh(scale, 0), hm = _cvtss_sh(low, 0);
+    const float s = _cvtsh_ss(hs), m = _cvtsh_ss(hm);
+    memcpy(o + 2 * i, &hs, 2);
+    memcpy(o + 16 + 2 * i, &hm, 2);
+    uint8_t q[32];
+    for (int k = 0; k < 32; k++) {
+        float r = nearbyintf((x[k] - m) / s);
+        q[k] = (uint8_t)(r < 0.f ? 0.f : r > 15.f ? 15.f : r);
+    }
+    for (int c = 0; c < 4; c++)
+        for (int b = 0; b < 4; b++) o[32 + 32 * c + 4 * i + b] = q[8 * c + b] | q[8 * c + 4 + b] << 4;
+}
+
+/* blocks [N][nb][REQ_BYTES] of `type` -> grouped int8 (bits 8: [N/8][K/32][16 + 256]) or int4 with mins
+ * (bits 4: [N/8][K/32][32 + 128]), K = nb · REQ_BLOCK, in one pass. */
+void phi3_requant_ggml(const uint8_t *blocks, int type, int N, int nb, int bits, uint8_t *out, int nthreads) {
+    const int bsize = REQ_BLOCK[type], bbytes = REQ_BYTES[type], ng = nb * bsize / 32;
+    const size_t gbytes = bits == 8 ? 16 + 256 : 32 + 128;
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int rb = 0; rb < N / 8; rb++) {
+        float w[256];
+        for (int i = 0; i < 8; i++)
+            for (int b = 0; b < nb; b++) {
+                dequant_block(type, blocks + ((size_t)(rb * 8 + i) * nb + b) * bbytes, w);
+                for (int j = 0; j < bsize / 32; j++) {
+                    uint8_t *o = out + ((size_t)rb * ng + b * (bsize / 32) + j) * gbytes;
+                    if (bits == 8) int8_group(w + 32 * j, i, o);
+                    else int4_group(w + 32 * j, i, o);
+                }
+            }
     }
 }
 
