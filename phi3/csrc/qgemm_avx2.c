@@ -529,41 +529,74 @@ static void dequant_block(int type, const uint8_t *blk, float *w) {
     }
 }
 
+#define ROUND_EVEN (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)  /* as nearbyintf / torch.round */
+
+ALWAYS_INLINE float req_hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+ALWAYS_INLINE float req_hmax(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+ALWAYS_INLINE float req_hmin(__m256 v) {
+    __m128 s = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_min_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_min_ss(s, _mm_movehdup_ps(s)));
+}
+
 /* 32 weights -> row i of a grouped int8 group (the layout of phi3_pack_ggml_q8_0): s = fp16(max|w| / 127)
- * (at least 6.1e-5), q = round(w / s), as phi3.quant.quantize_int8_groups does */
+ * (at least 6.1e-5), q = round(w / s), as phi3.quant.quantize_int8_groups does (a true division, so
+ * the same bytes) */
 static void int8_group(const float *x, int i, uint8_t *o) {
-    float amax = 0.f;
-    for (int k = 0; k < 32; k++) amax = fmaxf(amax, fabsf(x[k]));
-    float s = amax / 127.0f;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 m = _mm256_setzero_ps();
+    for (int k = 0; k < 32; k += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+    float s = req_hmax(m) / 127.0f;
     s = s < 6.1e-5f ? 6.1e-5f : s;
     const uint16_t hs = _cvtss_sh(s, 0);
-    s = _cvtsh_ss(hs);
     memcpy(o + 2 * i, &hs, 2);
+    const __m256 sv = _mm256_set1_ps(_cvtsh_ss(hs)), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+    int32_t q[32];
+    for (int k = 0; k < 32; k += 8) {
+        const __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + k), sv), ROUND_EVEN);
+        _mm256_storeu_si256((__m256i *)(q + k), _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi)));
+    }
     for (int c = 0; c < 8; c++)
-        for (int b = 0; b < 4; b++) {
-            float r = nearbyintf(x[4 * c + b] / s);
-            r = r < -127.f ? -127.f : r > 127.f ? 127.f : r;
-            o[16 + 32 * c + 4 * i + b] = (uint8_t)(int8_t)r;
-        }
+        for (int b = 0; b < 4; b++) o[16 + 32 * c + 4 * i + b] = (uint8_t)(int8_t)q[4 * c + b];
 }
 
 /* 32 weights -> row i of an int4 group with mins (the layout of phi3_pack_int4, G = 32), as
  * phi3.quant.quantize_int4(refine=2) does: scale and min from the range, then twice the least-squares
  * fit of the levels they give (kept only where it is a real fit), both rounded to fp16, q = round((w −
  * m) / s) in 0..15. Sums in another order than torch's: the bytes may differ from it in the last bit. */
-__attribute__((optimize("fp-contract=off")))
 static void int4_group(const float *x, int i, uint8_t *o) {
-    float lo = x[0], hi = x[0];
-    for (int k = 1; k < 32; k++) { lo = fminf(lo, x[k]); hi = fmaxf(hi, x[k]); }
+    __m256 v[4], vmin = _mm256_loadu_ps(x), vmax = vmin, vsum = _mm256_setzero_ps();
+    for (int k = 0; k < 4; k++) {
+        v[k] = _mm256_loadu_ps(x + 8 * k);
+        vmin = _mm256_min_ps(vmin, v[k]);
+        vmax = _mm256_max_ps(vmax, v[k]);
+        vsum = _mm256_add_ps(vsum, v[k]);
+    }
+    const float lo = req_hmin(vmin), hi = req_hmax(vmax), sw = req_hsum(vsum);
     float scale = (hi - lo) / 15.0f, low = lo;
     scale = scale < 1e-12f ? 1e-12f : scale;
+    const __m256 zero = _mm256_setzero_ps(), fifteen = _mm256_set1_ps(15.f);
     for (int it = 0; it < 2; it++) {
-        float sl = 0, sll = 0, sw = 0, slw = 0;
-        for (int k = 0; k < 32; k++) {
-            float l = nearbyintf((x[k] - low) / scale);
-            l = l < 0.f ? 0.f : l > 15.f ? 15.f : l;
-            sl += l; sll += l * l; sw += x[k]; slw += l * x[k];
+        const __m256 lv = _mm256_set1_ps(low), sv = _mm256_set1_ps(scale);
+        __m256 a_l = zero, a_ll = zero, a_lw = zero;
+        for (int k = 0; k < 4; k++) {
+            __m256 l = _mm256_round_ps(_mm256_div_ps(_mm256_sub_ps(v[k], lv), sv), ROUND_EVEN);
+            l = _mm256_min_ps(_mm256_max_ps(l, zero), fifteen);
+            a_l = _mm256_add_ps(a_l, l);
+            a_ll = _mm256_add_ps(a_ll, _mm256_mul_ps(l, l));
+            a_lw = _mm256_add_ps(a_lw, _mm256_mul_ps(l, v[k]));
         }
+        const float sl = req_hsum(a_l), sll = req_hsum(a_ll), slw = req_hsum(a_lw);
         const float det = 32.0f * sll - sl * sl, dc = det < 1e-12f ? 1e-12f : det;
         const float fs = (32.0f * slw - sl * sw) / dc, fl = (sll * sw - sl * slw) / dc;
         if (det > 0.f && fs > 0.f) { scale = fs; low = fl; }
@@ -571,16 +604,17 @@ static void int4_group(const float *x, int i, uint8_t *o) {
     low = low < -65504.f ? -65504.f : low > 65504.f ? 65504.f : low;
     scale = scale < 6.1e-5f ? 6.1e-5f : scale > 65504.f ? 65504.f : scale;
     const uint16_t hs = _cvtss_sh(scale, 0), hm = _cvtss_sh(low, 0);
-    const float s = _cvtsh_ss(hs), m = _cvtsh_ss(hm);
     memcpy(o + 2 * i, &hs, 2);
     memcpy(o + 16 + 2 * i, &hm, 2);
-    uint8_t q[32];
-    for (int k = 0; k < 32; k++) {
-        float r = nearbyintf((x[k] - m) / s);
-        q[k] = (uint8_t)(r < 0.f ? 0.f : r > 15.f ? 15.f : r);
+    const __m256 sv = _mm256_set1_ps(_cvtsh_ss(hs)), mv = _mm256_set1_ps(_cvtsh_ss(hm));
+    int32_t q[32];
+    for (int k = 0; k < 4; k++) {
+        __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_sub_ps(v[k], mv), sv), ROUND_EVEN);
+        r = _mm256_min_ps(_mm256_max_ps(r, zero), fifteen);
+        _mm256_storeu_si256((__m256i *)(q + 8 * k), _mm256_cvtps_epi32(r));
     }
     for (int c = 0; c < 4; c++)
-        for (int b = 0; b < 4; b++) o[32 + 32 * c + 4 * i + b] = q[8 * c + b] | q[8 * c + 4 + b] << 4;
+        for (int b = 0; b < 4; b++) o[32 + 32 * c + 4 * i + b] = (uint8_t)(q[8 * c + b] | q[8 * c + 4 + b] << 4);
 }
 
 /* blocks [N][nb][REQ_BYTES] of `type` -> grouped int8 (bits 8: [N/8][K/32][16 + 256]) or int4 with mins
