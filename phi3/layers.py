@@ -318,6 +318,22 @@ class _SwiGLU(torch.autograd.Function):
         return d
 
 
+def step_positions(input_ids: torch.Tensor, positions: torch.Tensor | None, seq_len: int | None,
+                   cache) -> tuple[torch.Tensor, int, int, torch.Tensor]:
+    """The decoders' shared prologue: (query positions [B, T] (default 0..T-1), the sequence length
+    that picks LongRoPE's factors (default: the longest position + 1), where this call's keys start in
+    the cache (0 without one), every key position [B, start + T] (the cache records this call's))."""
+    b, t = input_ids.shape
+    if positions is None:
+        positions = torch.arange(t, device=input_ids.device).expand(b, t)
+        seq_len = t if seq_len is None else seq_len  # no data-dependent max (torch.compile traces this)
+    if seq_len is None:
+        seq_len = int(positions.max()) + 1
+    if cache is None:
+        return positions, seq_len, 0, positions
+    return positions, seq_len, cache.length, cache.record_positions(positions)
+
+
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None,
                    segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask [B, 1, T, S]: key s is visible to query t when it is valid (position >= 0),

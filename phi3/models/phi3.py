@@ -12,7 +12,7 @@ from torch import nn
 from .. import decode_step
 from ..config import ModelConfig
 from ..layers import (Attention, GatedMLP, KVCache, RMSNorm, RotaryEmbedding, attention_mask, embedding,
-                      kv_cache_dtype, linear_cross_entropy)
+                      kv_cache_dtype, linear_cross_entropy, step_positions)
 
 
 class DecoderLayer(nn.Module):
@@ -79,25 +79,16 @@ class Phi3ForCausalLM(nn.Module):
         segment_ids: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        b, t = input_ids.shape
+        t = input_ids.shape[1]
         # plain causal attention (SDPA's is_causal, no mask tensor): a fresh batch of rows that all
         # start at position 0, one document each, inside the sliding window
         window = self.config.sliding_window
         causal = positions is None and cache is None and segment_ids is None and (window is None or t <= window)
-        if positions is None:
-            positions = torch.arange(t, device=input_ids.device).expand(b, t)
-            seq_len = t if seq_len is None else seq_len
-        if seq_len is None:  # longest sequence in this call, for the LongRoPE choice
-            seq_len = int(positions.max()) + 1
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions.clamp(min=0), seq_len, x.dtype)
-        if cache is not None:
-            start = cache.length
-            k_pos = cache.record_positions(positions)  # [B, start + T]
-        else:
-            start, k_pos = 0, positions
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids (packed documents) is for training, without a KV cache")
+        positions, seq_len, start, k_pos = step_positions(input_ids, positions, seq_len, cache)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions.clamp(min=0), seq_len, x.dtype)
         mask = None if causal else attention_mask(positions, k_pos, window, segment_ids)
         native = cache is not None and t == 1 and (isinstance(start, int) or mask is not None)
         step = decode_step.for_cache(self, cache) if native else None

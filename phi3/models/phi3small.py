@@ -17,7 +17,7 @@ from torch import nn
 from ..blocksparse import SparseKVCache, SparsePattern, blocksparse_prefill
 from ..config import ModelConfig, base_fields
 from ..errors import ConfigError
-from ..layers import KVCache, RotaryEmbedding, apply_rotary, attention_mask, embedding
+from ..layers import KVCache, RotaryEmbedding, apply_rotary, attention_mask, embedding, step_positions
 from .phi3 import Cache
 
 # The released tokenizer's unused ids (spec §2.7), masked out of the logits.
@@ -253,19 +253,12 @@ class Phi3SmallForCausalLM(nn.Module):
 
     def forward(self, input_ids, positions=None, cache=None, seq_len=None, last_only=False):
         cfg = self.config
-        b, t = input_ids.shape
-        if positions is None:
-            positions = torch.arange(t, device=input_ids.device).expand(b, t)
-        if seq_len is None:
-            seq_len = int(positions.max()) + 1
+        t = input_ids.shape[1]
+        positions, seq_len, start, k_pos = step_positions(input_ids, positions, seq_len, cache)
         x = self.model.embed_tokens(input_ids)
         if cfg.mup_embedding_multiplier is not None and cfg.mup_embedding_multiplier > 0:
             x = x * cfg.mup_embedding_multiplier
         cos, sin = self.rotary(positions.clamp(min=0), seq_len, x.dtype)
-        if cache is not None:
-            start, k_pos = cache.length, cache.record_positions(positions)
-        else:
-            start, k_pos = 0, positions
         mask = attention_mask(positions, k_pos, None)  # for the dense layers
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, positions, mask, cache.layers[i] if cache is not None else None, start)

@@ -15,7 +15,8 @@ from torch import nn
 
 from ..config import ModelConfig, base_fields, longrope_attention_factor
 from ..errors import ConfigError
-from ..layers import KVCache, RotaryEmbedding, apply_rotary, attention, attention_mask, embedding
+from ..layers import (KVCache, RotaryEmbedding, apply_rotary, attention, attention_mask, embedding,
+                      step_positions)
 
 
 @dataclass
@@ -241,17 +242,10 @@ class PhiMoEForCausalLM(nn.Module):
         return self.model.norm.weight.device
 
     def forward(self, input_ids, positions=None, cache=None, seq_len=None, last_only=False):
-        b, t = input_ids.shape
-        if positions is None:
-            positions = torch.arange(t, device=input_ids.device).expand(b, t)
-        if seq_len is None:
-            seq_len = int(positions.max()) + 1
+        t = input_ids.shape[1]
+        positions, seq_len, start, k_pos = step_positions(input_ids, positions, seq_len, cache)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions.clamp(min=0), seq_len, x.dtype)
-        if cache is not None:
-            start, k_pos = cache.length, cache.record_positions(positions)
-        else:
-            start, k_pos = 0, positions
         mask = attention_mask(positions, k_pos, self.config.sliding_window)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, cache.layers[i] if cache is not None else None, start)
