@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import cpu_kernels
 from .errors import CheckpointError
 
 GGUF_MAGIC = b"GGUF"
@@ -758,8 +759,6 @@ def native_int4(t: GGUFTensor) -> dict[str, torch.Tensor]:
     has them (`Int4Linear.stored`)."""
     from .quant import pack_nibbles
 
-    from . import cpu_kernels
-
     blocks, rows, cols = _block_fields(t)
     d = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0]  # [rows, groups]
     if t.qtype == "Q4_0":
@@ -778,8 +777,6 @@ def native_int4(t: GGUFTensor) -> dict[str, torch.Tensor]:
 
 def native_int8(t: GGUFTensor) -> dict[str, torch.Tensor]:
     """Q8_0 -> phi3.quant grouped int8 parts (w = q·d per group of 32) with no change of value."""
-    from . import cpu_kernels
-
     blocks, rows, cols = _block_fields(t)
     lib = cpu_kernels.library()
     if lib is not None:  # one pass in C: the strided copies below take ~9 s for phi-3-mini
@@ -817,8 +814,6 @@ def packed_parts(t: GGUFTensor, heads: int | None = None) -> tuple[int, dict[str
     IQ4_NL requantized as `_portable_linear_parts` does (`requant_bits`). Llama q/k rows of `heads` heads
     are unpermuted on the blocks first. None where the native kernels do not run here or the rows are
     not a multiple of 8 (those take `_portable_linear_parts`)."""
-    from . import cpu_kernels
-
     lib = cpu_kernels.library()
     if lib is None or len(t.shape) != 2 or t.shape[0] % cpu_kernels.ROWS or t.qtype not in PACKED_TYPES:
         return None
@@ -835,7 +830,7 @@ def packed_parts(t: GGUFTensor, heads: int | None = None) -> tuple[int, dict[str
     return 4, {"packed": cpu_kernels.pack_ggml_q4(lib, blocks, with_mins=t.qtype == "Q4_1")}
 
 
-PACKED_TYPES = (*NATIVE_INT4, "Q8_0", "Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K", "IQ4_XS", "IQ4_NL")  # `packed_parts`'s
+PACKED_TYPES = (*NATIVE_INT4, "Q8_0", "Q4_K", *cpu_kernels.REQUANT_TYPES)  # what `packed_parts` packs from the file
 
 
 def quantized_linear_parts(t: GGUFTensor, heads: int | None = None) -> tuple[int, dict[str, torch.Tensor]] | None:

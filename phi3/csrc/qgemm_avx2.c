@@ -531,10 +531,10 @@ static void dequant_block(int type, const uint8_t *blk, float *w) {
 
 #define ROUND_EVEN (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)  /* as nearbyintf / torch.round */
 
-ALWAYS_INLINE float req_hsum(__m256 v) {
+ALWAYS_INLINE float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+    s = _mm_hadd_ps(s, s);
+    return _mm_cvtss_f32(_mm_hadd_ps(s, s));
 }
 
 ALWAYS_INLINE float req_hmax(__m256 v) {
@@ -582,7 +582,7 @@ static void int4_group(const float *x, int i, uint8_t *o) {
         vmax = _mm256_max_ps(vmax, v[k]);
         vsum = _mm256_add_ps(vsum, v[k]);
     }
-    const float lo = req_hmin(vmin), hi = req_hmax(vmax), sw = req_hsum(vsum);
+    const float lo = req_hmin(vmin), hi = req_hmax(vmax), sw = hsum_ps(vsum);
     float scale = (hi - lo) / 15.0f, low = lo;
     scale = scale < 1e-12f ? 1e-12f : scale;
     const __m256 zero = _mm256_setzero_ps(), fifteen = _mm256_set1_ps(15.f);
@@ -596,7 +596,7 @@ static void int4_group(const float *x, int i, uint8_t *o) {
             a_ll = _mm256_add_ps(a_ll, _mm256_mul_ps(l, l));
             a_lw = _mm256_add_ps(a_lw, _mm256_mul_ps(l, v[k]));
         }
-        const float sl = req_hsum(a_l), sll = req_hsum(a_ll), slw = req_hsum(a_lw);
+        const float sl = hsum_ps(a_l), sll = hsum_ps(a_ll), slw = hsum_ps(a_lw);
         const float det = 32.0f * sll - sl * sl, dc = det < 1e-12f ? 1e-12f : det;
         const float fs = (32.0f * slw - sl * sw) / dc, fl = (sll * sw - sl * slw) / dc;
         if (det > 0.f && fs > 0.f) { scale = fs; low = fl; }
@@ -737,11 +737,6 @@ ALWAYS_INLINE __m256 load_bf16(const uint16_t *p) {  /* bf16 is the top half of 
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 
-ALWAYS_INLINE float hsum_ps(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_hadd_ps(s, s);
-    return _mm_cvtss_f32(_mm_hadd_ps(s, s));
-}
 
 ALWAYS_INLINE float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
