@@ -84,11 +84,12 @@ def test_quantized_embedding_rows_are_exactly_the_gguf_values(qtype):
     assert torch.equal(table.dequantize(), dequantize(t))
 
 
-@pytest.mark.parametrize("qtype", [QT.Q6_K, QT.Q4_K])
+@pytest.mark.parametrize("qtype", [QT.Q6_K, QT.Q4_K, QT.IQ3_S])
 def test_requantized_types_are_converted_in_row_blocks(qtype, monkeypatch):
-    """Q6_K (-> grouped int8) and Q4_K (-> int4 g32 with least-squares refinement, where the native
-    kernels do not run) are requantized a block of rows at a time: the same result as requantizing the
-    whole dequantized tensor at once."""
+    """Q6_K (-> grouped int8), Q4_K (-> int4 g32 with least-squares refinement, where the native
+    kernels do not run) and IQ3_S (gguf-py's dequantization, then int4 g32: what every type without a
+    kernel of ours takes) are requantized a block of rows at a time: the same result as requantizing
+    the whole dequantized tensor at once."""
     from phi3.gguf import REFINE, _portable_linear_parts
     from phi3.quant import pack_nibbles, quantize_int4, quantize_int8_groups
     from .test_gguf import _raw_for
