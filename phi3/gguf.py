@@ -707,7 +707,7 @@ def gguf_state_dict(f: GGUFFile, dtype: torch.dtype = torch.float32) -> dict[str
     """All weights of the file, dequantized to `dtype`, under HF names (see module docstring)."""
     names = {g: hf_tensor_name(f, g) for g in f.tensors}  # validates every name before any work
     sd: dict[str, torch.Tensor] = {}
-    for gguf_name, hf_name in names.items():
+    for gguf_name, hf_name in _progress(names.items(), f):
         if hf_name is not None:
             sd[hf_name] = dequantize(f.tensors[gguf_name], dtype)
             f.release_pages()
@@ -716,6 +716,20 @@ def gguf_state_dict(f: GGUFFile, dtype: torch.dtype = torch.float32) -> dict[str
     else:
         _fuse_phi3_qkv(f, sd)
     return sd
+
+
+PROGRESS_AFTER_S = 2.0  # a load that takes longer shows a progress bar (gguf-py's types: minutes)
+
+
+def _progress(items, f: GGUFFile):
+    """`items` as they are converted, behind a progress bar on stderr that appears once loading has
+    taken PROGRESS_AFTER_S (so a quick load prints nothing) and only on a terminal."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(items, desc=f"loading {f.path.name}", unit="tensor", delay=PROGRESS_AFTER_S, disable=None,
+                leave=False, file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -897,7 +911,7 @@ def gguf_quantized_state_dict(f: GGUFFile, dtype: torch.dtype = torch.float32) -
     heads = _llama_qk_heads(f)
     dense: dict[str, torch.Tensor] = {}
     quant: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}  # module name -> (bits, parts)
-    for gguf_name, hf_name in names.items():
+    for gguf_name, hf_name in _progress(names.items(), f):
         if hf_name is None:
             continue
         t = f.tensors[gguf_name]

@@ -495,3 +495,23 @@ def test_llama_cpp_mixes_load_quantized(ftype, default_gguf, tmp_path):
                                                              "Explain what a CPU does in two sentences."))
     print(f"{ftype}: teacher-forced top-1 {agree}/{total}")
     assert agree / total >= least, f"top-1 agreement {agree}/{total}"
+
+
+def test_a_slow_gguf_load_shows_progress_and_a_quick_one_prints_nothing(default_gguf, monkeypatch):
+    """Loading draws a bar on a terminal only once it has taken `PROGRESS_AFTER_S` (gguf-py's types
+    take minutes on a 3.8B model); the default model's ~0.6 s load prints nothing."""
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    phi3.load(default_gguf)  # the native kernels compiled and cached, file pages warm
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    phi3.load(default_gguf)
+    assert terminal.getvalue() == ""
+    monkeypatch.setattr("phi3.gguf.PROGRESS_AFTER_S", 0.0)
+    phi3.load(default_gguf)
+    assert f"loading {default_gguf.name}" in terminal.getvalue() and "tensor" in terminal.getvalue()
