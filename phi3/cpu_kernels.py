@@ -163,6 +163,16 @@ def load_build(isa: str) -> ctypes.CDLL | None:
     lib.phi3_requant_ggml.restype = None
     lib.phi3_pack_ggml_q8_0.argtypes = [p, i, i, p, i]
     lib.phi3_pack_ggml_q8_0.restype = None
+    lib.phi3_unpack_int4.argtypes = [p, i, i, i, i, p, p, p, i]
+    lib.phi3_unpack_int4.restype = None
+    lib.phi3_unpack_int8.argtypes = [p, i, i, i, i, p, p, i]
+    lib.phi3_unpack_int8.restype = None
+    lib.phi3_quantize_int4.argtypes = [p, i, i, i, i, i, p, p, p, i]
+    lib.phi3_quantize_int4.restype = None
+    lib.phi3_quantize_ggml.argtypes = [p, i, i, i, i, p, i]
+    lib.phi3_quantize_ggml.restype = None
+    lib.phi3_quantize_int8_rows.argtypes = [p, i, i, i, p, p, i]
+    lib.phi3_quantize_int8_rows.restype = None
     lib.phi3_int4_rows.argtypes = [p, p, i, i, i, i, p]
     lib.phi3_int4_rows.restype = None
     lib.phi3_int8_rows.argtypes = [p, p, i, i, i, p, p]
@@ -287,6 +297,18 @@ def unpack_int4(packed: torch.Tensor, n: int, k: int, group_size: int):
     return q, scales, mins
 
 
+def unpack_int4_nibbles(lib, packed: torch.Tensor, n: int, k: int, group_size: int):
+    """`unpack_int4` in C, with the levels two to a byte: the `pack_int4_nibbles` arguments back,
+    qweight uint8 [n, k/2] (low nibble = even column), scales, mins fp16 [n, k/group]."""
+    packed = packed.contiguous()
+    qweight = torch.empty(n, k // 2, dtype=torch.uint8)
+    scales = torch.empty(n, k // group_size, dtype=torch.float16)
+    mins = torch.empty_like(scales)
+    lib.phi3_unpack_int4(packed.data_ptr(), n, k, group_size, int(int4_is_symmetric(packed, group_size)),
+                         qweight.data_ptr(), scales.data_ptr(), mins.data_ptr(), torch.get_num_threads())
+    return qweight, scales, mins
+
+
 def int4_rows(lib, packed: torch.Tensor, ids: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
     """Rows `ids` of an int4 weight in the `pack_int4` layout, dequantized: fp32 [len(ids), k]."""
     ids = ids.to(torch.int64).contiguous()
@@ -337,6 +359,16 @@ def pack_int8(q: torch.Tensor, scales: torch.Tensor | None, block: int) -> torch
     if scales is None:
         return qv.contiguous()
     return torch.cat((_fp16_by_block(scales, rows), qv), dim=-1)
+
+
+def unpack_int8_native(lib, packed: torch.Tensor, n: int, k: int, block: int, grouped: bool):
+    """`unpack_int8` in C: q int8 [n, k] and (grouped) scales fp16 [n, k/block] or None."""
+    packed = packed.contiguous()
+    q = torch.empty(n, k, dtype=torch.int8)
+    scales = torch.empty(n, k // block, dtype=torch.float16) if grouped else None
+    lib.phi3_unpack_int8(packed.data_ptr(), n, k, block, int(grouped), q.data_ptr(),
+                         None if scales is None else scales.data_ptr(), torch.get_num_threads())
+    return q, scales
 
 
 def pack_int8_native(lib, q: torch.Tensor, scales: torch.Tensor | None, block: int) -> torch.Tensor:
@@ -409,6 +441,54 @@ def pack_ggml_q8_0(lib, blocks: torch.Tensor) -> torch.Tensor:
     out = torch.empty(n // ROWS, nb, 16 + 8 * GGML_GROUP, dtype=torch.uint8)
     lib.phi3_pack_ggml_q8_0(blocks.data_ptr(), n, nb, out.data_ptr(), torch.get_num_threads())
     return out
+
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # what the C quantizers read
+
+
+def _dense_rows(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+    w = weight.detach()
+    if w.dtype not in DTYPE_CODES:
+        w = w.float()
+    return w.contiguous(), DTYPE_CODES[w.dtype]
+
+
+def quantize_int4(lib, weight: torch.Tensor, group_size: int, refine: int = 0):
+    """`phi3.quant.quantize_int4` in C, one pass over the rows, without fp32 copies of the weight:
+    weight [n, k] (fp32, bf16 or fp16; k a multiple of `group_size`, itself of 8) -> qweight uint8
+    [n, k/2] (low nibble = even column), scales, mins fp16 [n, k/group]."""
+    w, code = _dense_rows(weight)
+    n, k = w.shape
+    qweight = torch.empty(n, k // 2, dtype=torch.uint8)
+    scales = torch.empty(n, k // group_size, dtype=torch.float16)
+    mins = torch.empty_like(scales)
+    lib.phi3_quantize_int4(w.data_ptr(), code, n, k, group_size, refine, qweight.data_ptr(), scales.data_ptr(),
+                           mins.data_ptr(), torch.get_num_threads())
+    return qweight, scales, mins
+
+
+GGML_QUANTIZERS = ("Q8_0", "Q4_0")  # `phi3_quantize_ggml`'s types, in its order
+
+
+def quantize_ggml(lib, weight: torch.Tensor, qtype: str) -> torch.Tensor:
+    """ggml's reference Q8_0 / Q4_0 quantizer in C (the same bytes as gguf-py's and llama.cpp's):
+    weight [n, k] (k a multiple of 32) -> uint8 [n, k/32 · (34 or 18)] blocks."""
+    w, code = _dense_rows(weight)
+    n, k = w.shape
+    out = torch.empty(n, k // 32 * (34 if qtype == "Q8_0" else 18), dtype=torch.uint8)
+    lib.phi3_quantize_ggml(w.data_ptr(), code, n, k, GGML_QUANTIZERS.index(qtype), out.data_ptr(),
+                           torch.get_num_threads())
+    return out
+
+
+def quantize_int8_rows(lib, weight: torch.Tensor):
+    """`phi3.quant.quantize_int8_rows` in C (the same bytes): weight [n, k] -> q int8 [n, k], scales fp32 [n]."""
+    w, code = _dense_rows(weight)
+    n, k = w.shape
+    q = torch.empty(n, k, dtype=torch.int8)
+    scales = torch.empty(n)
+    lib.phi3_quantize_int8_rows(w.data_ptr(), code, n, k, q.data_ptr(), scales.data_ptr(), torch.get_num_threads())
+    return q, scales
 
 
 def unpack_int8(packed: torch.Tensor, n: int, k: int, block: int, grouped: bool):

@@ -4,8 +4,8 @@ that llama.cpp (and so ollama, LM Studio …) loads.
 * Architecture `phi3` for Phi-3 checkpoints (fused `attn_qkv` / `ffn_up`, LongRoPE as the
   `rope_factors_long/short` tensors plus `rope.scaling.attn_factor`), `llama` for Llama-layout
   ones (q/k rows permuted into llama.cpp's interleaved RoPE order).
-* Tensor types: `f16`, `q8_0`, `q4_0` (linears), with our own vectorised torch quantizers that
-  reproduce ggml's reference rounding bit for bit. Norms and RoPE factors stay F32; with q4_0 the
+* Tensor types: `f16`, `q8_0`, `q4_0` (linears), with our own quantizers that reproduce ggml's
+  reference rounding bit for bit (in C where the native kernels run, else vectorised torch). Norms and RoPE factors stay F32; with q4_0 the
   embedding table and the output head are written as Q8_0 (the head is the layer most hurt by
   4 bits, see `phi3.quant.quantize_model`).
 * Tensors are streamed: header and tensor infos first, then one tensor at a time, so the peak
@@ -22,6 +22,7 @@ import gguf
 import numpy as np
 import torch
 
+from . import cpu_kernels
 from .atomic import atomic_write
 from .config import ModelConfig, longrope_attention_factor
 from .errors import Phi3Error
@@ -75,6 +76,9 @@ def encode_tensor(w: torch.Tensor, qtype: GGML) -> np.ndarray:
     if w.shape[-1] % 32:
         raise Phi3Error(f"cannot write a tensor of shape {list(w.shape)} as {qtype.name}: "
                         "its rows are not a multiple of 32")
+    lib = cpu_kernels.library()
+    if lib is not None and w.dim() == 2:  # the same bytes, in C (~20x faster, no fp32 copy)
+        return cpu_kernels.quantize_ggml(lib, w, qtype.name).numpy()
     return quantize_q8_0(w) if qtype == GGML.Q8_0 else quantize_q4_0(w)
 
 

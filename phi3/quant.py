@@ -80,8 +80,8 @@ class Int8Linear(nn.Module):
                 self._qweight = None  # the weights are held once, in the kernel layout
 
     def _native_unpacked(self):
-        return cpu_kernels.unpack_int8(self.packed, self.out_features, self.in_features, self._block,
-                                       grouped=self.group_size is not None)
+        return cpu_kernels.unpack_int8_native(self._lib, self.packed, self.out_features, self.in_features, self._block,
+                                              grouped=self.group_size is not None)
 
     @property
     def qweight(self) -> torch.Tensor:
@@ -103,7 +103,7 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
-        return cls(*quantize_int8_rows(weight), bias)
+        return cls(*quantize_int8_rows_fast(weight), bias)
 
     def stored(self) -> dict[str, torch.Tensor]:
         return _with_bias({"qweight": self.qweight, "scales": self.scales}, self.bias)
@@ -170,6 +170,12 @@ def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8), scales
 
 
+def quantize_int8_rows_fast(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_int8_rows`, in C where the native kernels run (the same bytes, ~20× faster)."""
+    lib = cpu_kernels.library()
+    return quantize_int8_rows(weight) if lib is None else cpu_kernels.quantize_int8_rows(lib, weight)
+
+
 def _native_from_packed(cls: type[nn.Module], packed: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     """An `Int4Linear` / `Int8Linear` (not yet complete: the class sets its own fields) around weights
     already in the native kernel's layout with GGUF's groups of 32: packed [out/8, in/32, bytes]."""
@@ -215,6 +221,26 @@ def quantize_int4(weight: torch.Tensor, group_size: int, refine: int = 0) -> tup
     scales = (scale if refine else (hi - mins.float()) / 15.0).clamp(min=6.1e-5, max=FP16_MAX).half()
     q = torch.round((w - mins.float()[..., None]) / scales.float()[..., None]).clamp(0, 15).to(torch.int32)
     return q.view(out_f, in_f), scales, mins
+
+
+REFINE = 2  # least-squares rounds of every int4 quantization (`quantize_int4`), dense or requantized GGUF
+
+
+def quantize_int4_nibbles(weight: torch.Tensor, group_size: int, refine: int = REFINE) -> tuple[torch.Tensor, ...]:
+    """`quantize_int4` with the levels packed two to a byte (`pack_nibbles`): qweight uint8 [out, in/2],
+    scales, mins fp16 [out, in/group]; what `phi3 quantize`, `--quantize` and GGUF requantization use.
+
+    Refined (`REFINE` least-squares rounds) by default: on Gaussian / Laplace weights 6 % less relative
+    error than min–max at groups of 32 to 128 (5 % at 128), on the embedded SmolLM2 int4 g64
+    perplexity 14.07 → 13.85 (fp32 10.96); on values already on a coarser grid (GGUF Q3_K, IQ4_XS)
+    ~20 % less error. In C where the native kernels run (~20× faster than the tensor ops, no fp32 copy
+    of the weight; a phi-3-mini in ~3 s with 2 threads): the same bytes as `quantize_int4` but where a
+    sum of the fit rounds differently (without refinement, always the same bytes)."""
+    lib = cpu_kernels.library()
+    if lib is not None and group_size % 8 == 0:
+        return cpu_kernels.quantize_int4(lib, weight, group_size, refine)
+    q, scales, mins = quantize_int4(weight, group_size, refine)
+    return pack_nibbles(q), scales, mins
 
 
 def _least_squares_fit(w: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -332,13 +358,15 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", sz.to(self.compute_dtype), persistent=False)
 
     def _native_unpacked(self):
-        return cpu_kernels.unpack_int4(self.packed, self.out_features, self.in_features, self.group_size)
+        """(qweight uint8 [out, in/2], scales, mins fp16 [out, in/group]) from the native layout"""
+        return cpu_kernels.unpack_int4_nibbles(self._lib, self.packed, self.out_features, self.in_features,
+                                               self.group_size)
 
     @property
     def qweight(self) -> torch.Tensor:
         """uint8 [out, in/2], low nibble = even column (the file layout)."""
         if self._lib is not None:
-            return pack_nibbles(self._native_unpacked()[0])
+            return self._native_unpacked()[0]
         if self._qweight is not None:
             return self._qweight
         return pack_nibbles(unpack_kernel_int4(self.packed, self.out_features, self.in_features))
@@ -355,8 +383,7 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, group_size: int, bias: torch.Tensor | None = None) -> "Int4Linear":
-        q, scales, mins = quantize_int4(weight, group_size)
-        return cls(pack_nibbles(q), scales, mins, group_size, bias)
+        return cls(*quantize_int4_nibbles(weight, group_size), group_size, bias)
 
     @classmethod
     def from_stored(cls, t: dict[str, torch.Tensor], group_size: int, dtype=None) -> "Int4Linear":
@@ -374,13 +401,12 @@ class Int4Linear(nn.Module):
 
     def stored(self) -> dict[str, torch.Tensor]:
         if self._lib is not None:
-            q, scales, mins = self._native_unpacked()
-            return _with_bias({"qweight": pack_nibbles(q), "scales": scales, "mins": mins}, self.bias)
+            return _with_bias(dict(zip(self.STORED, self._native_unpacked())), self.bias)
         return _with_bias({"qweight": self.qweight, "scales": self.scales, "mins": self.mins}, self.bias)
 
     def dequantize(self) -> torch.Tensor:
-        q, scales, mins = (self._native_unpacked() if self._lib is not None
-                           else (unpack_nibbles(self.qweight), self.scales, self.mins))
+        qweight, scales, mins = self._native_unpacked() if self._lib is not None else (self.qweight, self.scales, self.mins)
+        q = unpack_nibbles(qweight)
         q = q.view(self.out_features, -1, self.group_size).float()
         w = q * scales.float()[..., None] + mins.float()[..., None]
         return w.view(self.out_features, self.in_features)
@@ -439,7 +465,7 @@ class Int8Embedding(_QuantizedEmbedding):
 
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> "Int8Embedding":
-        return cls(*quantize_int8_rows(weight), weight.dtype)
+        return cls(*quantize_int8_rows_fast(weight), weight.dtype)
 
     @classmethod
     def from_stored(cls, t: dict[str, torch.Tensor], group_size: int | None = None,
@@ -478,8 +504,7 @@ class Int4Embedding(_QuantizedEmbedding):
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, group_size: int) -> "Int4Embedding":
-        q, scales, mins = quantize_int4(weight, group_size)
-        return cls(pack_nibbles(q), scales, mins, weight.dtype)
+        return cls(*quantize_int4_nibbles(weight, group_size), weight.dtype)
 
     @classmethod
     def from_stored(cls, t: dict[str, torch.Tensor], group_size: int | None = None,

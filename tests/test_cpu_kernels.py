@@ -369,3 +369,61 @@ def test_bf16_cache_decode_attention_equals_float64(b, h, kv, s, d):
     via_sdpa.float().sum().backward()
     assert qg.grad is not None
     torch.testing.assert_close(via_sdpa.double(), exact, rtol=0, atol=2e-2)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_c_quantizers_give_the_tensor_ops_bytes(dtype):
+    """`phi3_quantize_int4` / `phi3_quantize_int8_rows` against `quant.quantize_int4` /
+    `quantize_int8_rows` (the PyTorch references): without refinement the same bytes; with it the same
+    fit but for the order of the float sums (a level or an fp16 scale may move by one step, rarely);
+    per-channel int8 the same bytes, also for rows that are not a multiple of 8 long."""
+    from phi3.quant import pack_nibbles, quantize_int4, quantize_int8_rows
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(72, 512, generator=g) * torch.rand(72, 1, generator=g) * 0.1
+    w[3, :128] = 0.25  # flat groups: the range is zero
+    w[5, 64:96] *= 1000  # a group far from the others
+    w = w.to(dtype)
+    for group in (32, 64, 128):
+        q, s, m = quantize_int4(w, group)
+        assert all(torch.equal(a, b) for a, b in zip(cpu_kernels.quantize_int4(lib, w, group), (pack_nibbles(q), s, m)))
+        q, s, m = quantize_int4(w, group, refine=2)
+        qn, sn, mn = cpu_kernels.quantize_int4(lib, w, group, 2)
+        assert (qn != pack_nibbles(q)).float().mean() < 1e-3
+        assert (sn != s).float().mean() < 0.01 and (mn != m).float().mean() < 0.01
+        back = (pack_nibbles(q), s, m), (qn, sn, mn)
+        err = [(_dequantize_nibbles(*parts, group) - w.float()).norm() for parts in back]
+        assert abs(err[1] / err[0] - 1) < 1e-3
+    for k in (512, 300):
+        assert all(torch.equal(a, b) for a, b in zip(cpu_kernels.quantize_int8_rows(lib, w[:, :k]),
+                                                     quantize_int8_rows(w[:, :k])))
+
+
+def _dequantize_nibbles(qweight, scales, mins, group):
+    from phi3.quant import unpack_nibbles
+    n = qweight.shape[0]
+    q = unpack_nibbles(qweight, torch.float32).view(n, -1, group)
+    return (q * scales.float()[..., None] + mins.float()[..., None]).view(n, -1)
+
+
+@needs_native
+@pytest.mark.parametrize("n,k,group", [(37, 128, 32), (64, 256, 64), (21, 256, 128)])
+@pytest.mark.parametrize("q4_0", [False, True])
+def test_c_unpackers_invert_the_packers(n, k, group, q4_0):
+    """`unpack_int4_nibbles` / `unpack_int8_native` (what saving a quantized model runs) give back what
+    was packed, as the tensor-op `unpack_int4` / `unpack_int8` do; padding rows are dropped."""
+    from phi3.quant import pack_nibbles
+    g = torch.Generator().manual_seed(n)
+    q = torch.randint(0, 16, (n, k), generator=g)
+    scales = torch.rand(n, k // group, generator=g).half()
+    mins = (-8 * scales.float()).half() if q4_0 else torch.randn(n, k // group, generator=g).half()
+    packed = cpu_kernels.pack_int4(q, scales, None if q4_0 else mins, group)
+    got = cpu_kernels.unpack_int4_nibbles(lib, packed, n, k, group)
+    assert all(torch.equal(a, b) for a, b in zip(got, (pack_nibbles(q), scales, mins)))
+    q8 = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    for grouped in (False, True):
+        packed = cpu_kernels.pack_int8(q8, scales if grouped else None, group)
+        q2, s2 = cpu_kernels.unpack_int8_native(lib, packed, n, k, group, grouped)
+        assert torch.equal(q2, q8) and (torch.equal(s2, scales) if grouped else s2 is None)
+        ref = cpu_kernels.unpack_int8(packed, n, k, group, grouped)
+        assert torch.equal(ref[0], q2)

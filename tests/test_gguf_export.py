@@ -14,6 +14,7 @@ from phi3.config import ModelConfig
 from phi3.errors import Phi3Error
 from phi3.gguf import (GGUFTensor, dequantize, gguf_to_hf_config, native_int4, native_int8, native_parts,
                        quantized_linear_parts, read_gguf)
+from phi3 import cpu_kernels
 from phi3.gguf_export import permute_rows, quantize_q4_0, quantize_q8_0, write_gguf
 from phi3.models.phi3 import Phi3ForCausalLM
 from phi3.quant import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
@@ -27,12 +28,23 @@ PHI3_VOCAB = SHARED / "tokenizer" / "ggml-vocab-phi-3.gguf"
 
 
 # ---- block quantizers --------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q8_0])
-def test_quantizers_match_ggml_reference_bit_exact(qtype):
-    w = torch.randn(48, 256) * torch.rand(48, 1) * 3
+def test_quantizers_match_ggml_reference_bit_exact(qtype, dtype):
+    """The torch quantizers and the C ones (`cpu_kernels.quantize_ggml`, what the export runs where the
+    native kernels do) write gguf-py's reference bytes, from any dense dtype."""
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(48, 256, generator=g) * torch.rand(48, 1, generator=g) * 3).to(dtype)
     w[3, :32] = 0  # an all-zero block
-    ours = (quantize_q4_0 if qtype == QT.Q4_0 else quantize_q8_0)(w)
-    assert np.array_equal(ours, gguf.quants.quantize(w.numpy(), qtype))
+    w[4, 32:64] = 0.5  # ties: the first of the largest |w| sets Q4_0's sign
+    w[4, 40] = -0.5
+    w[5, :32] = torch.arange(32) - 15.5  # Q8_0 ...
+    w[5, 0] = 127  # ... with d = 1: w·(1/d) on halves, which roundf takes away from zero (numpy's round would not)
+    expected = gguf.quants.quantize(w.float().numpy(), qtype)
+    assert np.array_equal((quantize_q4_0 if qtype == QT.Q4_0 else quantize_q8_0)(w), expected)
+    lib = cpu_kernels.library()
+    if lib is not None:
+        assert np.array_equal(cpu_kernels.quantize_ggml(lib, w, qtype.name).numpy(), expected)
 
 
 def test_permute_rows_inverts_unpermute():
@@ -87,11 +99,11 @@ def test_quantized_embedding_rows_are_exactly_the_gguf_values(qtype):
 @pytest.mark.parametrize("qtype", [QT.Q6_K, QT.Q4_K, QT.IQ3_S])
 def test_requantized_types_are_converted_in_row_blocks(qtype, monkeypatch):
     """Q6_K (-> grouped int8), Q4_K (-> int4 g32 with least-squares refinement, where the native
-    kernels do not run) and IQ3_S (gguf-py's dequantization, then int4 g32: what every type without a
+    kernels do not pack it) and IQ3_S (gguf-py's dequantization, then int4 g32: what every type without a
     kernel of ours takes) are requantized a block of rows at a time: the same result as requantizing
     the whole dequantized tensor at once."""
-    from phi3.gguf import REFINE, _portable_linear_parts
-    from phi3.quant import pack_nibbles, quantize_int4, quantize_int8_groups
+    from phi3.gguf import _portable_linear_parts
+    from phi3.quant import quantize_int4_nibbles, quantize_int8_groups
     from .test_gguf import _raw_for
     t = GGUFTensor("output.weight", qtype.name, (40, 256), _raw_for(qtype.name, (40, 256)))
     monkeypatch.setattr("phi3.gguf.REQUANT_ROWS", 16)
@@ -101,8 +113,8 @@ def test_requantized_types_are_converted_in_row_blocks(qtype, monkeypatch):
         q, s = quantize_int8_groups(w, 32)
         assert bits == 8 and torch.equal(parts["qweight"], q) and torch.equal(parts["scales"], s)
     else:
-        q, s, m = quantize_int4(w, 32, refine=REFINE)
-        assert bits == 4 and torch.equal(parts["qweight"], pack_nibbles(q)) and torch.equal(parts["mins"], m)
+        q, s, m = quantize_int4_nibbles(w, 32)
+        assert bits == 4 and torch.equal(parts["qweight"], q) and torch.equal(parts["mins"], m)
 
 
 def test_least_squares_refinement_lowers_the_int4_error_on_coarse_grids():

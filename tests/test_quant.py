@@ -14,7 +14,7 @@ from phi3.config import ModelConfig
 from phi3.errors import CheckpointError, ConfigError
 from phi3 import cpu_kernels
 from phi3.quant import (QUANTIZED, Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, TiedEmbedding, quantize_int4,
-                        quantize_model)
+                        quantize_int4_nibbles, quantize_model)
 
 from .conftest import scaled_down
 
@@ -33,14 +33,28 @@ def test_kernel_equals_dequantized_matmul(bits, group, dtype):
 
 
 def test_int4_error_is_within_half_a_step():
-    w = torch.randn(64, 128) * 3
+    """Min–max (no refinement): every weight within half a step. (The refined fit, the default, may
+    clip a group's extremes to lower the total error: see the test below.)"""
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0)) * 3
     q, scales, mins = quantize_int4(w, 32)
     assert q.min() >= 0 and q.max() <= 15 and scales.dtype == mins.dtype == torch.float16
-    layer = Int4Linear.quantize(w, 32)
+    layer = Int4Linear(*quantize_int4_nibbles(w, 32, refine=0), 32)
     step = layer.scales.float().repeat_interleave(32, dim=1)
     # half a step, plus the fp16 rounding of the stored scale (up to 15 steps of it) and min
     slack = 16 * 2 ** -11 * (step + w.abs().amax())
     assert ((layer.dequantize() - w).abs() <= 0.5 * step + slack).all()
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_quantization_is_refined_by_default(group):
+    """`Int4Linear.quantize` (what `phi3 quantize` and `--quantize 4` build) fits each group's scale and
+    min by least squares: on Gaussian weights its squared error is at least 6 % below min–max's (measured
+    12 % at groups of 32, 8 % at 64 and 7 % at 128), and it holds `quantize_int4_nibbles`' bytes."""
+    w = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
+    refined, plain = Int4Linear.quantize(w, group), Int4Linear(*quantize_int4_nibbles(w, group, refine=0), group)
+    assert torch.equal(refined.qweight, quantize_int4_nibbles(w, group)[0])
+    err = [((layer.dequantize() - w) ** 2).sum() for layer in (refined, plain)]
+    assert err[0] < 0.94 * err[1], f"refined {err[0]:.1f} vs min-max {err[1]:.1f}"
 
 
 def test_int8_error_is_within_half_a_step():

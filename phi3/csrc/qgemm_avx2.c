@@ -318,6 +318,57 @@ void phi3_pack_int4(const uint8_t *qw, const uint16_t *scales, const uint16_t *m
     }
 }
 
+/* The inverse of phi3_pack_int4: packed [N8/8][K/G][head + 4·G] -> qw uint8 [N, K/2] (low nibble = even
+ * column), scales and mins fp16 [N, K/G]; the scale-only layout gives mins = fp16(−8·scale). */
+void phi3_unpack_int4(const uint8_t *packed, int N, int K, int G, int symmetric, uint8_t *qw, uint16_t *scales,
+                      uint16_t *mins, int nthreads) {
+    const int ng = K / G, nrb = (N + 7) / 8;
+    const size_t head = symmetric ? 16 : 32, gbytes = head + 4 * (size_t)G, row = (size_t)K / 2;
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int rb = 0; rb < nrb; rb++) {
+        for (int g = 0; g < ng; g++) {
+            const uint8_t *o = packed + ((size_t)rb * ng + g) * gbytes;
+            for (int i = 0; i < 8 && rb * 8 + i < N; i++) {
+                const size_t n = (size_t)rb * 8 + i;
+                uint16_t sc, mn;
+                memcpy(&sc, o + 2 * i, 2);
+                if (symmetric) mn = _cvtss_sh(-8.0f * _cvtsh_ss(sc), 0);
+                else memcpy(&mn, o + 16 + 2 * i, 2);
+                scales[n * ng + g] = sc;
+                mins[n * ng + g] = mn;
+                uint8_t *dst = qw + n * row + (size_t)g * G / 2;
+                for (int c = 0; c < G / 8; c++) {
+                    /* chunk byte b = q[8c + b] | q[8c + 4 + b] << 4 -> bytes q[2j] | q[2j + 1] << 4 */
+                    const uint8_t *r = o + head + 32 * c + 4 * i;
+                    uint8_t q[8];
+                    for (int b = 0; b < 4; b++) { q[b] = r[b] & 15; q[4 + b] = r[b] >> 4; }
+                    for (int j = 0; j < 4; j++) dst[4 * c + j] = (uint8_t)(q[2 * j] | q[2 * j + 1] << 4);
+                }
+            }
+        }
+    }
+}
+
+/* The inverse of phi3_pack_int8: packed [N8/8][K/B][(16 if grouped) + 8·B] -> q int8 [N, K] and, grouped,
+ * scales fp16 [N, K/B]. */
+void phi3_unpack_int8(const uint8_t *packed, int N, int K, int B, int grouped, int8_t *q, uint16_t *scales,
+                      int nthreads) {
+    const int ng = K / B, nrb = (N + 7) / 8;
+    const size_t head = grouped ? 16 : 0, gbytes = head + 8 * (size_t)B;
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int rb = 0; rb < nrb; rb++) {
+        for (int g = 0; g < ng; g++) {
+            const uint8_t *o = packed + ((size_t)rb * ng + g) * gbytes;
+            for (int i = 0; i < 8 && rb * 8 + i < N; i++) {
+                const size_t n = (size_t)rb * 8 + i;
+                if (grouped) memcpy(scales + n * ng + g, o + 2 * i, 2);
+                int8_t *dst = q + n * K + (size_t)g * B;
+                for (int c = 0; c < B / 4; c++) memcpy(dst + 4 * c, o + head + 32 * c + 4 * i, 4);
+            }
+        }
+    }
+}
+
 /* `pack_int8` (cpu_kernels.py) in C: q int8 [N, K] -> [N8/8][K/B][head + 8·B] bytes, head = the
  * 8 rows' fp16 scales of the group (16 bytes) when `scales` [N, K/B] is given, none per channel;
  * then for each 4 inputs c the 8 rows' 4 bytes. Padding rows are zero. */
@@ -570,51 +621,169 @@ static void int8_group(const float *x, int i, uint8_t *o) {
         for (int b = 0; b < 4; b++) o[16 + 32 * c + 4 * i + b] = (uint8_t)(int8_t)q[4 * c + b];
 }
 
-/* 32 weights -> row i of an int4 group with mins (the layout of phi3_pack_int4, G = 32), as
- * phi3.quant.quantize_int4(refine=2) does: scale and min from the range, then twice the least-squares
- * fit of the levels they give (kept only where it is a real fit), both rounded to fp16, q = round((w −
- * m) / s) in 0..15. Sums in another order than torch's: the bytes may differ from it in the last bit. */
-static void int4_group(const float *x, int i, uint8_t *o) {
-    __m256 v[4], vmin = _mm256_loadu_ps(x), vmax = vmin, vsum = _mm256_setzero_ps();
-    for (int k = 0; k < 4; k++) {
-        v[k] = _mm256_loadu_ps(x + 8 * k);
-        vmin = _mm256_min_ps(vmin, v[k]);
-        vmax = _mm256_max_ps(vmax, v[k]);
-        vsum = _mm256_add_ps(vsum, v[k]);
+/* One group of G weights (G a multiple of 8) -> fp16 scale *hs and min *hm, levels q[G] in 0..15, as
+ * phi3.quant.quantize_int4(refine) does: scale and min from the range; then `refine` times the
+ * least-squares fit of the levels they give (kept only where it is a real fit); both rounded to fp16;
+ * q = round((w − m) / s). Without refinement the scale is (max − fp16 min) / 15 as there, and the
+ * results are torch's bit for bit (the same float operations); with it the sums run in another order
+ * than torch's, so a byte may differ from it in the last bit. */
+static void fit_int4(const float *x, int G, int refine, uint16_t *hs, uint16_t *hm, int32_t *q) {
+    __m256 vmin = _mm256_loadu_ps(x), vmax = vmin, vsum = _mm256_setzero_ps();
+    for (int k = 0; k < G; k += 8) {
+        const __m256 v = _mm256_loadu_ps(x + k);
+        vmin = _mm256_min_ps(vmin, v);
+        vmax = _mm256_max_ps(vmax, v);
+        vsum = _mm256_add_ps(vsum, v);
     }
-    const float lo = req_hmin(vmin), hi = req_hmax(vmax), sw = hsum_ps(vsum);
+    const float lo = req_hmin(vmin), hi = req_hmax(vmax), sw = hsum_ps(vsum), n = (float)G;
     float scale = (hi - lo) / 15.0f, low = lo;
     scale = scale < 1e-12f ? 1e-12f : scale;
     const __m256 zero = _mm256_setzero_ps(), fifteen = _mm256_set1_ps(15.f);
-    for (int it = 0; it < 2; it++) {
+    for (int it = 0; it < refine; it++) {
         const __m256 lv = _mm256_set1_ps(low), sv = _mm256_set1_ps(scale);
         __m256 a_l = zero, a_ll = zero, a_lw = zero;
-        for (int k = 0; k < 4; k++) {
-            __m256 l = _mm256_round_ps(_mm256_div_ps(_mm256_sub_ps(v[k], lv), sv), ROUND_EVEN);
+        for (int k = 0; k < G; k += 8) {
+            const __m256 v = _mm256_loadu_ps(x + k);
+            __m256 l = _mm256_round_ps(_mm256_div_ps(_mm256_sub_ps(v, lv), sv), ROUND_EVEN);
             l = _mm256_min_ps(_mm256_max_ps(l, zero), fifteen);
             a_l = _mm256_add_ps(a_l, l);
             a_ll = _mm256_add_ps(a_ll, _mm256_mul_ps(l, l));
-            a_lw = _mm256_add_ps(a_lw, _mm256_mul_ps(l, v[k]));
+            a_lw = _mm256_add_ps(a_lw, _mm256_mul_ps(l, v));
         }
         const float sl = hsum_ps(a_l), sll = hsum_ps(a_ll), slw = hsum_ps(a_lw);
-        const float det = 32.0f * sll - sl * sl, dc = det < 1e-12f ? 1e-12f : det;
-        const float fs = (32.0f * slw - sl * sw) / dc, fl = (sll * sw - sl * slw) / dc;
+        const float det = n * sll - sl * sl, dc = det < 1e-12f ? 1e-12f : det;
+        const float fs = (n * slw - sl * sw) / dc, fl = (sll * sw - sl * slw) / dc;
         if (det > 0.f && fs > 0.f) { scale = fs; low = fl; }
     }
     low = low < -65504.f ? -65504.f : low > 65504.f ? 65504.f : low;
+    *hm = _cvtss_sh(low, 0);
+    if (!refine) scale = (hi - _cvtsh_ss(*hm)) / 15.0f;
     scale = scale < 6.1e-5f ? 6.1e-5f : scale > 65504.f ? 65504.f : scale;
-    const uint16_t hs = _cvtss_sh(scale, 0), hm = _cvtss_sh(low, 0);
+    *hs = _cvtss_sh(scale, 0);
+    const __m256 sv = _mm256_set1_ps(_cvtsh_ss(*hs)), mv = _mm256_set1_ps(_cvtsh_ss(*hm));
+    for (int k = 0; k < G; k += 8) {
+        __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_sub_ps(_mm256_loadu_ps(x + k), mv), sv), ROUND_EVEN);
+        r = _mm256_min_ps(_mm256_max_ps(r, zero), fifteen);
+        _mm256_storeu_si256((__m256i *)(q + k), _mm256_cvtps_epi32(r));
+    }
+}
+
+/* 32 weights -> row i of an int4 group with mins (the layout of phi3_pack_int4, G = 32), fitted as
+ * phi3.quant.quantize_int4(refine=2) does (`fit_int4`). */
+static void int4_group(const float *x, int i, uint8_t *o) {
+    uint16_t hs, hm;
+    int32_t q[32];
+    fit_int4(x, 32, 2, &hs, &hm, q);
     memcpy(o + 2 * i, &hs, 2);
     memcpy(o + 16 + 2 * i, &hm, 2);
-    const __m256 sv = _mm256_set1_ps(_cvtsh_ss(hs)), mv = _mm256_set1_ps(_cvtsh_ss(hm));
-    int32_t q[32];
-    for (int k = 0; k < 4; k++) {
-        __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_sub_ps(v[k], mv), sv), ROUND_EVEN);
-        r = _mm256_min_ps(_mm256_max_ps(r, zero), fifteen);
-        _mm256_storeu_si256((__m256i *)(q + 8 * k), _mm256_cvtps_epi32(r));
-    }
     for (int c = 0; c < 4; c++)
         for (int b = 0; b < 4; b++) o[32 + 32 * c + 4 * i + b] = (uint8_t)(q[8 * c + b] | q[8 * c + 4 + b] << 4);
+}
+
+/* K weights of `dtype` (0 fp32, 1 bf16, 2 fp16) -> fp32 */
+static void row_to_float(const void *w, int dtype, int K, float *out) {
+    if (dtype == 0) { memcpy(out, w, (size_t)K * 4); return; }
+    const uint16_t *h = w;
+    int k = 0;
+    for (; k + 8 <= K; k += 8) {
+        const __m128i v = _mm_loadu_si128((const __m128i *)(h + k));
+        _mm256_storeu_ps(out + k, dtype == 1 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16))
+                                             : _mm256_cvtph_ps(v));
+    }
+    for (; k < K; k++) {
+        const uint32_t u = (uint32_t)h[k] << 16;
+        if (dtype == 1) memcpy(out + k, &u, 4);
+        else out[k] = _cvtsh_ss(h[k]);
+    }
+}
+
+/* Dense weights w [N, K] of `dtype` (K a multiple of G, G of 8) -> the portable int4 form of
+ * phi3.quant.quantize_int4: qw uint8 [N, K/2] (low nibble = even column), scales and mins fp16 [N, K/G]. */
+void phi3_quantize_int4(const void *w, int dtype, int N, int K, int G, int refine, uint8_t *qw, uint16_t *scales,
+                        uint16_t *mins, int nthreads) {
+    const int ng = K / G;
+    const size_t esize = dtype == 0 ? 4 : 2;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        float *x = malloc((size_t)K * sizeof(float));
+        int32_t *q = malloc((size_t)G * sizeof(int32_t));
+        #pragma omp for schedule(static)
+        for (int n = 0; n < N; n++) {
+            row_to_float((const uint8_t *)w + (size_t)n * K * esize, dtype, K, x);
+            for (int g = 0; g < ng; g++) {
+                fit_int4(x + (size_t)g * G, G, refine, scales + (size_t)n * ng + g, mins + (size_t)n * ng + g, q);
+                uint8_t *o = qw + (size_t)n * K / 2 + (size_t)g * G / 2;
+                for (int j = 0; j < G / 2; j++) o[j] = (uint8_t)(q[2 * j] | q[2 * j + 1] << 4);
+            }
+        }
+        free(x);
+        free(q);
+    }
+}
+
+/* Dense weights w [N, K] of `dtype` (K a multiple of 32) -> GGUF blocks [N][K/32][34 or 18], bit for bit
+ * as ggml's reference quantizers (quantize_row_q8_0_ref / quantize_row_q4_0_ref) and gguf-py write them.
+ * type 0, Q8_0: d = amax / 127, q = roundf(w · (1/d)); type 1, Q4_0: d = (the first w of largest |w|)
+ * / −8, q = min(15, (int)(w · (1/d) + 8.5)), qs[j] = q[j] | q[j + 16] << 4. d stored as fp16. Products
+ * and sums stay apart (fp-contract off), as in the reference. */
+__attribute__((optimize("fp-contract=off")))
+void phi3_quantize_ggml(const void *w, int dtype, int N, int K, int type, uint8_t *out, int nthreads) {
+    const int nb = K / 32;
+    const size_t esize = dtype == 0 ? 4 : 2, bsize = type == 0 ? 34 : 18;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        float *x = malloc((size_t)K * sizeof(float));
+        #pragma omp for schedule(static)
+        for (int n = 0; n < N; n++) {
+            row_to_float((const uint8_t *)w + (size_t)n * K * esize, dtype, K, x);
+            for (int b = 0; b < nb; b++) {
+                const float *v = x + 32 * b;
+                uint8_t *o = out + ((size_t)n * nb + b) * bsize;
+                float amax = 0.f, max = 0.f;
+                for (int j = 0; j < 32; j++) {
+                    const float a = fabsf(v[j]);
+                    if (amax < a) { amax = a; max = v[j]; }
+                }
+                const float d = type == 0 ? amax / 127.0f : max / -8.0f, id = d != 0.f ? 1.0f / d : 0.0f;
+                const uint16_t hd = _cvtss_sh(d, 0);
+                memcpy(o, &hd, 2);
+                if (type == 0) {
+                    for (int j = 0; j < 32; j++) o[2 + j] = (uint8_t)(int8_t)roundf(v[j] * id);
+                } else {
+                    for (int j = 0; j < 16; j++) {
+                        const int lo = (int)(int8_t)(v[j] * id + 8.5f), hi = (int)(int8_t)(v[16 + j] * id + 8.5f);
+                        o[2 + j] = (uint8_t)((lo < 15 ? lo : 15) | (hi < 15 ? hi : 15) << 4);
+                    }
+                }
+            }
+        }
+        free(x);
+    }
+}
+
+/* Dense weights w [N, K] of `dtype` -> per-channel int8 as phi3.quant.quantize_int8_rows:
+ * s = max(max|w| / 127, 1e-12) fp32 [N], q = round(w / s) in −128..127 int8 [N, K] (bit for bit). */
+void phi3_quantize_int8_rows(const void *w, int dtype, int N, int K, int8_t *q, float *scales, int nthreads) {
+    const size_t esize = dtype == 0 ? 4 : 2;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        float *x = malloc((size_t)K * sizeof(float));
+        #pragma omp for schedule(static)
+        for (int n = 0; n < N; n++) {
+            row_to_float((const uint8_t *)w + (size_t)n * K * esize, dtype, K, x);
+            float amax = 0.f;
+            for (int k = 0; k < K; k++) { const float a = fabsf(x[k]); amax = a > amax ? a : amax; }
+            float s = amax / 127.0f;
+            s = s < 1e-12f ? 1e-12f : s;
+            scales[n] = s;
+            int8_t *o = q + (size_t)n * K;
+            for (int k = 0; k < K; k++) {
+                float r = nearbyintf(x[k] / s);
+                o[k] = (int8_t)(r < -128.f ? -128.f : r > 127.f ? 127.f : r);
+            }
+        }
+        free(x);
+    }
 }
 
 /* blocks [N][nb][REQ_BYTES] of `type` -> grouped int8 (bits 8: [N/8][K/32][16 + 256]) or int4 with mins
