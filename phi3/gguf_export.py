@@ -26,6 +26,7 @@ from . import cpu_kernels
 from .atomic import atomic_write
 from .config import ModelConfig, longrope_attention_factor
 from .errors import Phi3Error
+from .memory import drop_file_pages
 from .tokenizer import _BYTE_LEVEL_PRES, Tokenizer
 
 GGML = gguf.GGMLQuantizationType
@@ -306,7 +307,9 @@ def write_gguf(model, tokenizer: Tokenizer | None, path: str | Path, kind: str =
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for (gguf_name, get), qtype in _progress(list(zip(plan, encoded_specs)), progress):
-            writer.write_tensor_data(encode_tensor(get(), qtype))
+            w = get()
+            writer.write_tensor_data(encode_tensor(w, qtype))
+            drop_file_pages(w)  # a memory-mapped checkpoint's weights: read once, not kept resident
         writer.close()
 
     atomic_write(path, write)
