@@ -81,8 +81,8 @@ def load_gguf_model(path: Path, dtype=None, dequantize: bool = False) -> tuple[P
     hf = gguf_to_hf_config(f)
     dt = default_dtype(ModelConfig.from_hf_dict(hf, source=str(path)), dtype,
                        None if dequantize else dense_parameters(f))
-    if dequantize:
-        sd = gguf_state_dict(f, dtype=torch.float32)
+    if dequantize:  # each tensor dequantized in fp32 and cast to the model's dtype as it comes (no fp32 model)
+        sd = gguf_state_dict(f, dtype=dt)
     else:
         sd, section = gguf_quantized_state_dict(f, dtype=dt)  # dense tensors straight to the model dtype
         if section["modules"]:

@@ -121,7 +121,9 @@ def cmd_quantize(args) -> int:
     dst = Path(args.dst)
     if dst.exists() and not dst.is_dir():
         raise Phi3Error(f"{dst}: exists and is not a directory")
-    lm = load(args.src)  # the checkpoint's dtype (bf16 stays memory-mapped): the quantizers work in fp32 a tensor at a time
+    # the checkpoint's dtype (bf16 stays memory-mapped), a GGUF's blocks as they load: each module is
+    # (re)quantized from its own full-precision or dequantized weight, one at a time
+    lm = load(args.src)
     head_bits = None if args.head_bits == "none" else int(args.head_bits)
     embedding_bits = None if args.embedding_bits == "none" else int(args.embedding_bits)
     quantize_model(lm.model, bits=args.bits, group_size=args.group_size, head_bits=head_bits,
@@ -188,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("quantize", help="weight-only int8 / int4 quantization of SRC into an HF-layout directory DST")
-    p.add_argument("src")
+    p.add_argument("src", help="HF directory, .gguf file or Hub id; a quantized one (GGUF, int4/int8 checkpoint) is "
+                               "requantized module by module from the values it loads with")
     p.add_argument("dst")
     p.add_argument("--bits", type=int, default=4, choices=[4, 8])
     p.add_argument("--group-size", type=int, default=64, help="int4 group size: 32, 64, 128 or 256")

@@ -27,6 +27,7 @@ from .atomic import atomic_write
 from .config import ModelConfig, longrope_attention_factor
 from .errors import Phi3Error
 from .memory import drop_file_pages
+from .quant import dense_weight
 from .tokenizer import _BYTE_LEVEL_PRES, Tokenizer
 
 GGML = gguf.GGMLQuantizationType
@@ -84,43 +85,38 @@ def encode_tensor(w: torch.Tensor, qtype: GGML) -> np.ndarray:
 
 
 # ---- tensors ----------------------------------------------------------------------------------
-def _dense_weight(module: torch.nn.Module) -> torch.Tensor:
-    """The full-precision weight of an nn.Linear / nn.Embedding or of one of our quantized modules."""
-    return module.dequantize() if hasattr(module, "dequantize") else module.weight.detach()
-
-
 def _tensor_plan(model, cfg: ModelConfig) -> list[tuple[str, Any]]:
     """(GGUF name, zero-argument function returning the fp32 tensor), in file order."""
     arch = "phi3" if cfg.layout == "phi3" else "llama"
     m = model.model
-    plan: list[tuple[str, Any]] = [("token_embd.weight", lambda: _dense_weight(m.embed_tokens))]
+    plan: list[tuple[str, Any]] = [("token_embd.weight", lambda: dense_weight(m.embed_tokens))]
     q_rows = cfg.num_attention_heads * cfg.head_dim
     kv_rows = cfg.num_key_value_heads * cfg.head_dim
     for i, layer in enumerate(m.layers):
         a, f, p = layer.self_attn, layer.mlp, f"blk.{i}."
         plan.append((p + "attn_norm.weight", lambda layer=layer: layer.input_layernorm.weight.detach()))
         if arch == "phi3":
-            plan.append((p + "attn_qkv.weight", lambda a=a: _dense_weight(a.qkv_proj)))
-            plan.append((p + "ffn_up.weight", lambda f=f: _dense_weight(f.gate_up_proj)))
+            plan.append((p + "attn_qkv.weight", lambda a=a: dense_weight(a.qkv_proj)))
+            plan.append((p + "ffn_up.weight", lambda f=f: dense_weight(f.gate_up_proj)))
         else:
             def qkv_part(a, lo, hi, heads):
                 def get():
-                    w = _dense_weight(a.qkv_proj)[lo:hi]
+                    w = dense_weight(a.qkv_proj)[lo:hi]
                     return permute_rows(w, heads) if heads else w
                 return get
             plan.append((p + "attn_q.weight", qkv_part(a, 0, q_rows, cfg.num_attention_heads)))
             plan.append((p + "attn_k.weight", qkv_part(a, q_rows, q_rows + kv_rows, cfg.num_key_value_heads)))
             plan.append((p + "attn_v.weight", qkv_part(a, q_rows + kv_rows, q_rows + 2 * kv_rows, 0)))
             half = cfg.intermediate_size
-            plan.append((p + "ffn_gate.weight", lambda f=f: _dense_weight(f.gate_up_proj)[:half]))
-            plan.append((p + "ffn_up.weight", lambda f=f: _dense_weight(f.gate_up_proj)[half:]))
-        plan.append((p + "attn_output.weight", lambda a=a: _dense_weight(a.o_proj)))
+            plan.append((p + "ffn_gate.weight", lambda f=f: dense_weight(f.gate_up_proj)[:half]))
+            plan.append((p + "ffn_up.weight", lambda f=f: dense_weight(f.gate_up_proj)[half:]))
+        plan.append((p + "attn_output.weight", lambda a=a: dense_weight(a.o_proj)))
         plan.append((p + "ffn_norm.weight", lambda layer=layer: layer.post_attention_layernorm.weight.detach()))
-        plan.append((p + "ffn_down.weight", lambda f=f: _dense_weight(f.down_proj)))
+        plan.append((p + "ffn_down.weight", lambda f=f: dense_weight(f.down_proj)))
     plan.append(("output_norm.weight", lambda: m.norm.weight.detach()))
     tied = cfg.tie_word_embeddings and model.lm_head.weight is getattr(m.embed_tokens, "weight", None)
     if not tied:
-        plan.append(("output.weight", lambda: _dense_weight(model.lm_head)))
+        plan.append(("output.weight", lambda: dense_weight(model.lm_head)))
     if cfg.is_longrope:
         rs = cfg.rope_scaling
         plan.append(("rope_factors_long.weight", lambda: torch.tensor(rs["long_factor"], dtype=torch.float32)))

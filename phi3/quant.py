@@ -561,9 +561,17 @@ def check_quant_args(bits: int, group_size: int | None, what: str = "quantizatio
         raise ConfigError(f"int4 group_size={group_size!r} is not supported (use one of {GROUP_SIZES})")
 
 
+LINEARS = (nn.Linear, Int8Linear, Int4Linear)
+
+
 def decoder_linears(model: nn.Module) -> list[str]:
-    """Names of the nn.Linear modules of the decoder layers (everything but the head)."""
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "lm_head"]
+    """Names of the linear modules (dense or quantized) of the decoder layers (everything but the head)."""
+    return [name for name, m in model.named_modules() if isinstance(m, LINEARS) and name != "lm_head"]
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """A linear's or embedding's full-precision weight: its own, or dequantized (fp32) from a quantized one."""
+    return module.dequantize() if isinstance(module, QUANTIZED) else module.weight.detach()
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -573,7 +581,11 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, head_bits: int | None = 8,
                    embedding_bits: int | None = None) -> nn.Module:
-    """Swap every decoder nn.Linear for its `bits`-bit version, in place.
+    """Swap every decoder linear for its `bits`-bit version, in place.
+
+    Already-quantized linears and tables (a GGUF loaded as it is, a quantized checkpoint) are
+    requantized from their dequantized weights, one module at a time: no full-precision copy of the
+    model is made.
 
     The output head is quantized to `head_bits` (None keeps it in full precision). Its default is 8:
     the head is the layer most sensitive to 4 bits (on SmolLM2-135M, int4 g32 everywhere costs +5 %
@@ -596,20 +608,24 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, head_b
             raise ConfigError(f"{name}: in_features {linear.in_features} is not a multiple of group_size {group_size}")
     for name, b in plan.items():
         linear = model.get_submodule(name)
-        weight, bias = linear.weight, linear.bias
+        weight, bias = dense_weight(linear), linear.bias
         _set_module(model, name, Int8Linear.quantize(weight, bias) if b == 8 else Int4Linear.quantize(weight, group_size, bias))
+        del weight, linear
     tied = getattr(model.config, "tie_word_embeddings", False) and head_bits is not None
     if embedding_bits is None and tied:
         embedding_bits = head_bits  # the tied table is the head's values (below: held once)
     if embedding_bits is not None:
         plan["model.embed_tokens"] = embedding_bits
-        weight = model.model.embed_tokens.weight
+        embed = model.model.embed_tokens
+        dtype = embed.dtype if isinstance(embed, QUANTIZED) else embed.weight.dtype  # of the rows it returns
         head = model.lm_head
         if tied and embedding_bits == head_bits and head._lib is not None:
-            table = TiedEmbedding(head, weight.dtype)  # rows read from the quantized head
+            table = TiedEmbedding(head, dtype)  # rows read from the quantized head
         else:
+            weight = dense_weight(embed)
             table = (Int8Embedding.quantize(weight) if embedding_bits == 8
                      else Int4Embedding.quantize(weight, group_size))
+            table.dtype = dtype
         _set_module(model, "model.embed_tokens", table)
     model.config.raw["quantization"] = quantization_config(bits, group_size, plan)
     return model
@@ -617,17 +633,13 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, head_b
 
 def quantize_on_load(model: nn.Module, bits: int, group_size: int = 64,
                      dtype: str | torch.dtype | None = None) -> nn.Module:
-    """A just-loaded full-precision model as `phi3 quantize` and a reload would give it, in place:
-    `bits`-bit decoder linears, int8 head, and the remaining dense parameters (norms, embedding) in
-    the dtype a quantized checkpoint loads with (`checkpoint.default_dtype`: fp32 when they are under
-    a tenth of the model, so that its decode steps run natively) unless `dtype` is given."""
+    """A just-loaded model as `phi3 quantize` and a reload would give it, in place: `bits`-bit decoder
+    linears, int8 head, and the remaining dense parameters (norms, embedding) in the dtype a quantized
+    checkpoint loads with (`checkpoint.default_dtype`: fp32 when they are under a tenth of the model,
+    so that its decode steps run natively) unless `dtype` is given. A model that loaded quantized (a
+    GGUF) is requantized from the values it holds (`quantize_model`)."""
     from .checkpoint import default_dtype
-    from .errors import ConfigError
 
-    already = [name for name, m in model.named_modules() if isinstance(m, QUANTIZED)]
-    if already:
-        raise ConfigError(f"the model is already quantized ({already[0]} and {len(already) - 1} more modules): "
-                          f"load it as it is, or with dequantize=True (--dequantize) to requantize it")
     quantize_model(model, bits=bits, group_size=group_size)
     dense = sum(p.numel() for p in model.parameters())
     act = default_dtype(model.config, dtype, dense)

@@ -267,5 +267,24 @@ def test_quantize_on_load_rejects_bad_arguments_before_loading(default_gguf, tmp
         phi3.load(tmp_path / "not-even-there", quantize=4, group_size=48)  # checked before the path
     with pytest.raises(ConfigError, match="bits=3"):
         phi3.load(None, quantize=3)
-    with pytest.raises(ConfigError, match="already quantized"):
-        phi3.load(default_gguf, quantize=4)  # its Q4_1 / Q8_0 blocks load as int4 / int8
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_model_that_loads_quantized_is_requantized_module_by_module(bits, default_gguf, tmp_path):
+    """`phi3 quantize` and `--quantize` on the embedded GGUF, whose Q4_1 / Q8_0 blocks load as int4 /
+    int8: each module is requantized from its dequantized weights, one at a time — the very tensors
+    that quantizing the dequantized model (`dequantize=True`, a full-precision copy) gives."""
+    from phi3.cli import main
+    from phi3.quant import quantized_state_dict
+    reference = quantize_model(phi3.load(default_gguf, dequantize=True).model, bits=bits, group_size=32)
+    on_load = phi3.load(default_gguf, quantize=bits, group_size=32).model
+    expected = quantized_state_dict(reference)
+    got = quantized_state_dict(on_load)
+    linears = [k for k in expected if ".layers." in k and ("qweight" in k or "scales" in k or "mins" in k)]
+    assert linears and all(torch.equal(got[k], expected[k]) for k in linears)
+    assert main(["quantize", str(default_gguf), str(tmp_path / "q"), "--bits", str(bits), "--group-size", "32"]) == 0
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        assert all(torch.equal(f.get_tensor(k), expected[k]) for k in linears)
+    lm = phi3.load(tmp_path / "q")
+    assert isinstance(lm.model.model.layers[0].mlp.down_proj, Int4Linear if bits == 4 else Int8Linear)
+    assert "Paris" in lm.chat("What is the capital of France?", max_new_tokens=12)
