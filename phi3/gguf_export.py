@@ -15,6 +15,7 @@ that llama.cpp (and so ollama, LM Studio …) loads.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,7 +29,7 @@ from .config import ModelConfig, longrope_attention_factor
 from .errors import Phi3Error
 from .memory import drop_file_pages
 from .quant import dense_weight
-from .tokenizer import _BYTE_LEVEL_PRES, Tokenizer
+from .tokenizer import _BYTE_LEVEL_PRES, Tokenizer, _is_phi3_vocab
 
 GGML = gguf.GGMLQuantizationType
 EXPORT_TYPES = {"f32": GGML.F32, "f16": GGML.F16, "q8_0": GGML.Q8_0, "q4_0": GGML.Q4_0}
@@ -114,7 +115,9 @@ def _tensor_plan(model, cfg: ModelConfig) -> list[tuple[str, Any]]:
         plan.append((p + "ffn_norm.weight", lambda layer=layer: layer.post_attention_layernorm.weight.detach()))
         plan.append((p + "ffn_down.weight", lambda f=f: dense_weight(f.down_proj)))
     plan.append(("output_norm.weight", lambda: m.norm.weight.detach()))
-    tied = cfg.tie_word_embeddings and model.lm_head.weight is getattr(m.embed_tokens, "weight", None)
+    head, table = model.lm_head, m.embed_tokens
+    tied = cfg.tie_word_embeddings and (  # one tensor: dense and shared, or the table read from the quantized head
+        getattr(table, "head", None) is head or getattr(head, "weight", None) is getattr(table, "weight", False))
     if not tied:
         plan.append(("output.weight", lambda: dense_weight(model.lm_head)))
     if cfg.is_longrope:
@@ -141,6 +144,28 @@ def _tensor_type(name: str, weight: torch.Tensor, kind: str) -> GGML:
 
 
 # ---- metadata -------------------------------------------------------------------------------
+PHI3_NAME = re.compile(r"phi-?3", re.IGNORECASE)  # what llama.cpp looks for in general.name
+PHI3_RULE_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")  # the tokens its Phi-3 rule looks up
+
+
+def gguf_model_name(name: str, tokenizer: Tokenizer | None) -> str:
+    """`general.name` for llama.cpp, which reads more than a label into it: a name containing "phi-3"
+    or "phi3" turns on Phi-3's tokenizer rule (the whitespace after a chat token is dropped, as the
+    Phi-3 `tokenizer.json` does) and that rule looks up </s>, <unk>, <s> and <|endoftext|>, failing
+    the load of a vocabulary without them. So a Phi-3 chat vocabulary gets a name that says phi3
+    (else llama.cpp would tokenize chat prompts differently from us and transformers), any other one
+    a name that does not (else llama.cpp could not load the file)."""
+    if tokenizer is None:
+        return name
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+    phi3_vocab = _is_phi3_vocab(vocab) and all(t in vocab for t in PHI3_RULE_TOKENS)
+    if phi3_vocab and not PHI3_NAME.search(name):
+        return f"phi3-{name}"
+    if not phi3_vocab:
+        return PHI3_NAME.sub(lambda m: m.group(0).replace("-", "").replace("3", " 3"), name)
+    return name
+
+
 def model_metadata(cfg: ModelConfig, name: str) -> dict[str, Any]:
     arch = "phi3" if cfg.layout == "phi3" else "llama"
     md: dict[str, Any] = {
@@ -265,8 +290,10 @@ def _add_kv(writer: gguf.GGUFWriter, key: str, value: Any) -> None:
 
 # ---- the file ----------------------------------------------------------------------------------
 def write_gguf(model, tokenizer: Tokenizer | None, path: str | Path, kind: str = "f16",
-               name: str = "phi3", progress: bool = False) -> Path:
-    """Write `model` (+ `tokenizer`) as a GGUF file of tensor type `kind` (f32|f16|q8_0|q4_0)."""
+               name: str | None = None, progress: bool = False) -> Path:
+    """Write `model` (+ `tokenizer`) as a GGUF file of tensor type `kind` (f32|f16|q8_0|q4_0).
+    `name` (default: the checkpoint's `_name_or_path`, else its model_type) goes to `general.name`
+    as `gguf_model_name` makes it safe for llama.cpp."""
     if kind not in EXPORT_TYPES:
         raise Phi3Error(f"GGUF type {kind!r} is not supported (use one of {', '.join(EXPORT_TYPES)})")
     cfg: ModelConfig = model.config
@@ -275,6 +302,7 @@ def write_gguf(model, tokenizer: Tokenizer | None, path: str | Path, kind: str =
     path = Path(path)
     arch = "phi3" if cfg.layout == "phi3" else "llama"
     plan = _tensor_plan(model, cfg)
+    name = gguf_model_name(name or Path(str(cfg.raw.get("_name_or_path") or cfg.model_type)).name, tokenizer)
 
     def write(tmp: str) -> None:
         writer = gguf.GGUFWriter(tmp, arch)

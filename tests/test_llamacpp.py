@@ -143,3 +143,54 @@ def test_int4_agrees_with_llama_cpp_q4_0(smollm2_q4_0, monkeypatch):
           f"llama.cpp flash attention on / off {self_agree}/{self_total}")
     assert forced / forced_total >= 0.95, f"teacher-forced top-1 agreement {forced}/{forced_total}"
     assert agree / total >= 0.35, f"agreement {agree}/{total}"
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_quantized_tied_model_exports_to_gguf_that_llama_cpp_runs(bits, default_gguf, tmp_path):
+    """A quantized tied model (the default SmolLM2 requantized to int4 / int8: its table is read from
+    the quantized head) writes one table tensor and no `output.weight`, as llama.cpp's own tied
+    files; llama.cpp runs the file and computes what we compute from it: next-token logits
+    correlated > 0.99, our top-1 among its top 3 (after int4 the model meets near-ties: its first
+    token measured 25.101 "L" vs 25.098 "The" in llama.cpp, so greedy texts may part)."""
+    from phi3.gguf import read_gguf
+    from phi3.gguf_export import write_gguf
+    lm = phi3.load(default_gguf, quantize=bits, group_size=32)
+    path = write_gguf(lm.model, lm.tokenizer, tmp_path / "q.gguf", "q8_0")
+    names = set(read_gguf(path).tensors)
+    assert "token_embd.weight" in names and "output.weight" not in names
+    ours = phi3.load(path)
+    prompt = ours.chat_prompt("What is the capital of France?")
+    stop = ours.tokenizer.stop_token_ids
+    answer = our_greedy(ours.model, prompt, 12, stop)
+    assert "Paris" in ours.tokenizer.decode(answer)
+    llm = _llama(path)
+    llm.eval(prompt)
+    theirs = _last_logits(llm)
+    with torch.no_grad():
+        mine = ours.model(torch.tensor([prompt]))[0, -1].float().numpy()
+    assert np.corrcoef(theirs, mine)[0, 1] > 0.99
+    assert int(mine.argmax()) in np.argsort(-theirs)[:3]
+
+
+def test_the_file_name_keeps_llama_cpps_tokenizer_rules_in_step_with_ours(tmp_path):
+    """llama.cpp applies Phi-3's tokenizer rule (drop the whitespace after a chat token) when
+    general.name says phi3, and then needs </s>, <unk>, <s>, <|endoftext|> in the vocabulary. A Phi-3
+    vocabulary written under any name tokenizes chat text in llama.cpp as ours does; a vocabulary
+    without those tokens written under a Phi-3-ish name still loads (see also the quantized SmolLM2
+    export above)."""
+    from phi3.gguf import read_gguf
+    from phi3.gguf_export import gguf_model_name
+    hf = scaled_down("phi-3-mini-4k-instruct", vocab=32064, head_dim=32)
+    cfg = ModelConfig.from_hf_dict(hf)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        shapes = Phi3ForCausalLM(cfg).state_dict()
+    model = build_model(cfg, {k: torch.randn(v.shape) * 0.1 for k, v in shapes.items()}, torch.float32)
+    tok = Tokenizer.from_gguf(SHARED / "tokenizer" / "ggml-vocab-phi-3.gguf")
+    path = write_gguf(model, tok, tmp_path / "m.gguf", "f16", name="my-finetune")
+    assert read_gguf(path).metadata["general.name"] == "phi3-my-finetune"
+    chat = "<|user|>\n  Hi there<|end|>\n<|assistant|>\n Sure"
+    assert _llama(path).tokenize(chat.encode(), add_bos=False, special=True) == tok.encode(chat)
+    assert gguf_model_name("Phi-3-mini", tok) == "Phi-3-mini"
+    smol = phi3.load(None).tokenizer
+    assert gguf_model_name("Phi-3-mini SmolLM2 phi3", smol) == "Phi 3-mini SmolLM2 phi 3"
