@@ -184,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "or to a GGUF file when DST ends in .gguf")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0", "q4_0"],
-                   help="tensor type of a GGUF output (q4_0 keeps the embedding and head at q8_0)")
+    p.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0", "q4_0", "q4_1"],
+                   help="tensor type of a GGUF output (q4_0 / q4_1 keep the embedding and head at q8_0; a quantized "
+                        "model's groups of 32 that the type holds are written unchanged)")
     p.add_argument("--dtype", default="auto", help="weights dtype of the output (auto keeps the loaded dtype)")
     p.set_defaults(func=cmd_convert)
 

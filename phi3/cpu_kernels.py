@@ -467,16 +467,16 @@ def quantize_int4(lib, weight: torch.Tensor, group_size: int, refine: int = 0):
     return qweight, scales, mins
 
 
-GGML_QUANTIZERS = ("Q8_0", "Q4_0")  # `phi3_quantize_ggml`'s types, in its order
+GGML_QUANTIZERS = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}  # `phi3_quantize_ggml`'s types, in its order: block bytes
 
 
 def quantize_ggml(lib, weight: torch.Tensor, qtype: str) -> torch.Tensor:
-    """ggml's reference Q8_0 / Q4_0 quantizer in C (the same bytes as gguf-py's and llama.cpp's):
-    weight [n, k] (k a multiple of 32) -> uint8 [n, k/32 · (34 or 18)] blocks."""
+    """ggml's reference Q8_0 / Q4_0 / Q4_1 quantizer in C (the same bytes as gguf-py's and llama.cpp's):
+    weight [n, k] (k a multiple of 32) -> uint8 [n, k/32 · block bytes] blocks."""
     w, code = _dense_rows(weight)
     n, k = w.shape
-    out = torch.empty(n, k // 32 * (34 if qtype == "Q8_0" else 18), dtype=torch.uint8)
-    lib.phi3_quantize_ggml(w.data_ptr(), code, n, k, GGML_QUANTIZERS.index(qtype), out.data_ptr(),
+    out = torch.empty(n, k // 32 * GGML_QUANTIZERS[qtype], dtype=torch.uint8)
+    lib.phi3_quantize_ggml(w.data_ptr(), code, n, k, list(GGML_QUANTIZERS).index(qtype), out.data_ptr(),
                            torch.get_num_threads())
     return out
 

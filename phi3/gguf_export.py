@@ -4,9 +4,12 @@ that llama.cpp (and so ollama, LM Studio …) loads.
 * Architecture `phi3` for Phi-3 checkpoints (fused `attn_qkv` / `ffn_up`, LongRoPE as the
   `rope_factors_long/short` tensors plus `rope.scaling.attn_factor`), `llama` for Llama-layout
   ones (q/k rows permuted into llama.cpp's interleaved RoPE order).
-* Tensor types: `f16`, `q8_0`, `q4_0` (linears), with our own quantizers that reproduce ggml's
-  reference rounding bit for bit (in C where the native kernels run, else vectorised torch). Norms and RoPE factors stay F32; with q4_0 the
-  embedding table and the output head are written as Q8_0 (the head is the layer most hurt by
+* Tensor types: `f16`, `q8_0`, `q4_0`, `q4_1` (linears), with our own quantizers that reproduce
+  ggml's reference rounding bit for bit (in C where the native kernels run, else vectorised torch).
+  A quantized model's weights in groups of 32 that the type holds exactly (int8 as Q8_0, int4 as
+  Q4_1, int4 with Q4_0's implied min as Q4_0) are written as they are, not requantized: a Q4_0 /
+  Q4_1 / Q8_0 GGUF loaded and written back gives the same blocks. Norms and RoPE factors stay F32;
+  with q4_0 / q4_1 the embedding table and the output head are written as Q8_0 (the head is the layer most hurt by
   4 bits, see `phi3.quant.quantize_model`).
 * Tensors are streamed: header and tensor infos first, then one tensor at a time, so the peak
   memory is one tensor; the file is written to a temporary name and renamed when complete.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,8 +36,8 @@ from .quant import dense_weight
 from .tokenizer import _BYTE_LEVEL_PRES, Tokenizer, _is_phi3_vocab
 
 GGML = gguf.GGMLQuantizationType
-EXPORT_TYPES = {"f32": GGML.F32, "f16": GGML.F16, "q8_0": GGML.Q8_0, "q4_0": GGML.Q4_0}
-FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}  # general.file_type (llama_ftype)
+EXPORT_TYPES = {"f32": GGML.F32, "f16": GGML.F16, "q8_0": GGML.Q8_0, "q4_0": GGML.Q4_0, "q4_1": GGML.Q4_1}
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}  # general.file_type (llama_ftype)
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_BYTE = 1, 2, 3, 4, 6
 
 
@@ -66,12 +70,111 @@ def quantize_q4_0(w: torch.Tensor) -> np.ndarray:
     return torch.cat((_fp16_bytes(d), qs), dim=1).reshape(rows, cols // 32 * 18).numpy()
 
 
+def quantize_q4_1(w: torch.Tensor) -> np.ndarray:
+    """[rows, cols] float -> [rows, cols/32*20] uint8 Q4_1 blocks: d = (max − min)/15, m = min,
+    q = trunc((w − m)/d + 0.5) clipped to 0..15; nibbles as Q4_0's."""
+    rows, cols = w.shape
+    blocks = w.float().reshape(-1, 32)  # [n_blocks, 32]
+    lo, hi = blocks.amin(dim=1), blocks.amax(dim=1)
+    d = (hi - lo) / 15.0
+    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+    q = torch.trunc((blocks - lo[:, None]) * inv[:, None] + 0.5).clamp(0, 15).to(torch.uint8)
+    qs = q[:, :16] | (q[:, 16:] << 4)  # [n_blocks, 16]
+    return torch.cat((_fp16_bytes(d), _fp16_bytes(lo), qs), dim=1).reshape(rows, cols // 32 * 20).numpy()
+
+
+TORCH_QUANTIZERS = {GGML.Q8_0: quantize_q8_0, GGML.Q4_0: quantize_q4_0, GGML.Q4_1: quantize_q4_1}
+
+
 def _round_half_away(x: torch.Tensor) -> torch.Tensor:
     """C's roundf (half away from zero), as ggml uses; torch.round rounds half to even."""
     return torch.sign(x) * torch.floor(x.abs() + 0.5)
 
 
-def encode_tensor(w: torch.Tensor, qtype: GGML) -> np.ndarray:
+@dataclass(frozen=True)
+class QuantizedRows:
+    """A quantized weight in groups of 32 along its rows, as ggml's blocks hold one: bits 4, levels
+    q uint8 [rows, k] in 0..15 with w = q·scale + min; bits 8, q int8 [rows, k] with w = q·scale
+    (mins None). scales, mins fp16 [rows, k/32]. Rows can be taken and reordered (llama q/k splits and
+    permutations) and written as GGUF blocks with no change of value where the type holds them."""
+    bits: int
+    q: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def dim(self) -> int:
+        return 2
+
+    def numel(self) -> int:
+        return self.q.numel()
+
+    def map_rows(self, fn) -> "QuantizedRows":
+        """The same rows transformed by `fn` (a slice, a permutation) in all three parts."""
+        return QuantizedRows(self.bits, fn(self.q), fn(self.scales), None if self.mins is None else fn(self.mins))
+
+    def __getitem__(self, rows: slice) -> "QuantizedRows":
+        return self.map_rows(lambda t: t[rows])
+
+    def dequantize(self) -> torch.Tensor:
+        rows, k = self.q.shape
+        w = self.q.float().view(rows, k // 32, 32) * self.scales.float()[..., None]
+        if self.mins is not None:
+            w = w + self.mins.float()[..., None]
+        return w.view(rows, k)
+
+    def ggml_blocks(self, qtype: GGML) -> np.ndarray | None:
+        """The weights as `qtype` blocks [rows, k/32 · bytes], exactly; None where `qtype` cannot hold
+        them (Q8_0: int8; Q4_1: int4; Q4_0: int4 whose min is −8·scale, as Q4_0's implied one)."""
+        rows, k = self.q.shape
+        d = self.scales.reshape(-1).view(torch.uint8).view(-1, 2)  # fp16 bytes [blocks, 2]
+        if qtype == GGML.Q8_0 and self.bits == 8:
+            return torch.cat((d, self.q.view(torch.uint8).reshape(-1, 32)), dim=1).reshape(rows, -1).numpy()
+        q4_0 = self.mins is not None and cpu_kernels.is_q4_0(self.scales, self.mins)
+        if self.bits != 4 or qtype not in (GGML.Q4_0, GGML.Q4_1) or (qtype == GGML.Q4_0 and not q4_0):
+            return None
+        q = self.q.reshape(-1, 32)
+        qs = q[:, :16] | (q[:, 16:] << 4)  # [blocks, 16]: w_j low, w_{j+16} high
+        head = (d,) if qtype == GGML.Q4_0 else (d, self.mins.reshape(-1).view(torch.uint8).view(-1, 2))
+        return torch.cat((*head, qs), dim=1).reshape(rows, -1).numpy()
+
+
+def quantized_rows(module: torch.nn.Module) -> QuantizedRows | None:
+    """A quantized linear's or table's weight as `QuantizedRows`, None for a dense module or one whose
+    groups are not ggml's 32 (per-channel int8, int4 groups of 64 ...)."""
+    from .quant import QUANTIZED, unpack_nibbles
+
+    if not isinstance(module, QUANTIZED):
+        return None
+    stored = module.stored()
+    scales, mins = stored["scales"], stored.get("mins")
+    q = stored["qweight"]
+    bits = 4 if "mins" in stored else 8
+    k = q.shape[1] * (2 if bits == 4 else 1)
+    if scales.dim() != 2 or scales.shape[1] * 32 != k:
+        return None
+    if bits == 4:
+        q = unpack_nibbles(q, torch.uint8)
+        mins = mins if mins is not None else (scales.float() * -8).half()
+    return QuantizedRows(bits, q, scales.half(), None if bits == 8 else mins.half())
+
+
+def _weight(module: torch.nn.Module) -> torch.Tensor | QuantizedRows:
+    """What a tensor of the file is made from: the module's quantized rows where ggml's groups hold
+    them (written unchanged where the file's type matches), else its full-precision weight."""
+    rows = quantized_rows(module)
+    return rows if rows is not None else dense_weight(module)
+
+
+def encode_tensor(w: torch.Tensor | QuantizedRows, qtype: GGML) -> np.ndarray:
+    if isinstance(w, QuantizedRows):
+        blocks = w.ggml_blocks(qtype)
+        if blocks is not None:
+            return blocks
+        w = w.dequantize()
     if qtype == GGML.F32:
         return w.float().numpy()
     if qtype == GGML.F16:
@@ -82,7 +185,7 @@ def encode_tensor(w: torch.Tensor, qtype: GGML) -> np.ndarray:
     lib = cpu_kernels.library()
     if lib is not None and w.dim() == 2:  # the same bytes, in C (~20x faster, no fp32 copy)
         return cpu_kernels.quantize_ggml(lib, w, qtype.name).numpy()
-    return quantize_q8_0(w) if qtype == GGML.Q8_0 else quantize_q4_0(w)
+    return TORCH_QUANTIZERS[qtype](w)
 
 
 # ---- tensors ----------------------------------------------------------------------------------
@@ -90,36 +193,39 @@ def _tensor_plan(model, cfg: ModelConfig) -> list[tuple[str, Any]]:
     """(GGUF name, zero-argument function returning the fp32 tensor), in file order."""
     arch = "phi3" if cfg.layout == "phi3" else "llama"
     m = model.model
-    plan: list[tuple[str, Any]] = [("token_embd.weight", lambda: dense_weight(m.embed_tokens))]
+    plan: list[tuple[str, Any]] = [("token_embd.weight", lambda: _weight(m.embed_tokens))]
     q_rows = cfg.num_attention_heads * cfg.head_dim
     kv_rows = cfg.num_key_value_heads * cfg.head_dim
     for i, layer in enumerate(m.layers):
         a, f, p = layer.self_attn, layer.mlp, f"blk.{i}."
         plan.append((p + "attn_norm.weight", lambda layer=layer: layer.input_layernorm.weight.detach()))
         if arch == "phi3":
-            plan.append((p + "attn_qkv.weight", lambda a=a: dense_weight(a.qkv_proj)))
-            plan.append((p + "ffn_up.weight", lambda f=f: dense_weight(f.gate_up_proj)))
+            plan.append((p + "attn_qkv.weight", lambda a=a: _weight(a.qkv_proj)))
+            plan.append((p + "ffn_up.weight", lambda f=f: _weight(f.gate_up_proj)))
         else:
             def qkv_part(a, lo, hi, heads):
                 def get():
-                    w = dense_weight(a.qkv_proj)[lo:hi]
-                    return permute_rows(w, heads) if heads else w
+                    w = _weight(a.qkv_proj)[lo:hi]
+                    if not heads:
+                        return w
+                    return w.map_rows(lambda t: permute_rows(t, heads)) if isinstance(w, QuantizedRows) \
+                        else permute_rows(w, heads)
                 return get
             plan.append((p + "attn_q.weight", qkv_part(a, 0, q_rows, cfg.num_attention_heads)))
             plan.append((p + "attn_k.weight", qkv_part(a, q_rows, q_rows + kv_rows, cfg.num_key_value_heads)))
             plan.append((p + "attn_v.weight", qkv_part(a, q_rows + kv_rows, q_rows + 2 * kv_rows, 0)))
             half = cfg.intermediate_size
-            plan.append((p + "ffn_gate.weight", lambda f=f: dense_weight(f.gate_up_proj)[:half]))
-            plan.append((p + "ffn_up.weight", lambda f=f: dense_weight(f.gate_up_proj)[half:]))
-        plan.append((p + "attn_output.weight", lambda a=a: dense_weight(a.o_proj)))
+            plan.append((p + "ffn_gate.weight", lambda f=f: _weight(f.gate_up_proj)[:half]))
+            plan.append((p + "ffn_up.weight", lambda f=f: _weight(f.gate_up_proj)[half:]))
+        plan.append((p + "attn_output.weight", lambda a=a: _weight(a.o_proj)))
         plan.append((p + "ffn_norm.weight", lambda layer=layer: layer.post_attention_layernorm.weight.detach()))
-        plan.append((p + "ffn_down.weight", lambda f=f: dense_weight(f.down_proj)))
+        plan.append((p + "ffn_down.weight", lambda f=f: _weight(f.down_proj)))
     plan.append(("output_norm.weight", lambda: m.norm.weight.detach()))
     head, table = model.lm_head, m.embed_tokens
     tied = cfg.tie_word_embeddings and (  # one tensor: dense and shared, or the table read from the quantized head
         getattr(table, "head", None) is head or getattr(head, "weight", None) is getattr(table, "weight", False))
     if not tied:
-        plan.append(("output.weight", lambda: dense_weight(model.lm_head)))
+        plan.append(("output.weight", lambda: _weight(model.lm_head)))
     if cfg.is_longrope:
         rs = cfg.rope_scaling
         plan.append(("rope_factors_long.weight", lambda: torch.tensor(rs["long_factor"], dtype=torch.float32)))
@@ -138,7 +244,7 @@ def permute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
 def _tensor_type(name: str, weight: torch.Tensor, kind: str) -> GGML:
     if weight.dim() == 1 or kind == "f32":
         return GGML.F32
-    if kind == "q4_0" and name in ("token_embd.weight", "output.weight"):
+    if kind in ("q4_0", "q4_1") and name in ("token_embd.weight", "output.weight"):
         return GGML.Q8_0
     return EXPORT_TYPES[kind]
 
@@ -333,7 +439,8 @@ def write_gguf(model, tokenizer: Tokenizer | None, path: str | Path, kind: str =
         for (gguf_name, get), qtype in _progress(list(zip(plan, encoded_specs)), progress):
             w = get()
             writer.write_tensor_data(encode_tensor(w, qtype))
-            drop_file_pages(w)  # a memory-mapped checkpoint's weights: read once, not kept resident
+            if isinstance(w, torch.Tensor):
+                drop_file_pages(w)  # a memory-mapped checkpoint's weights: read once, not kept resident
         writer.close()
 
     atomic_write(path, write)

@@ -15,7 +15,7 @@ from phi3.errors import Phi3Error
 from phi3.gguf import (GGUFTensor, dequantize, gguf_to_hf_config, native_int4, native_int8, native_parts,
                        quantized_linear_parts, read_gguf)
 from phi3 import cpu_kernels
-from phi3.gguf_export import permute_rows, quantize_q4_0, quantize_q8_0, write_gguf
+from phi3.gguf_export import TORCH_QUANTIZERS, permute_rows, write_gguf
 from phi3.models.phi3 import Phi3ForCausalLM
 from phi3.quant import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
 from phi3.tokenizer import Tokenizer
@@ -30,7 +30,7 @@ PHI3_VOCAB = SHARED / "tokenizer" / "ggml-vocab-phi-3.gguf"
 
 # ---- block quantizers --------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q8_0])
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0])
 def test_quantizers_match_ggml_reference_bit_exact(qtype, dtype):
     """The torch quantizers and the C ones (`cpu_kernels.quantize_ggml`, what the export runs where the
     native kernels do) write gguf-py's reference bytes, from any dense dtype."""
@@ -42,7 +42,7 @@ def test_quantizers_match_ggml_reference_bit_exact(qtype, dtype):
     w[5, :32] = torch.arange(32) - 15.5  # Q8_0 ...
     w[5, 0] = 127  # ... with d = 1: w·(1/d) on halves, which roundf takes away from zero (numpy's round would not)
     expected = gguf.quants.quantize(w.float().numpy(), qtype)
-    assert np.array_equal((quantize_q4_0 if qtype == QT.Q4_0 else quantize_q8_0)(w), expected)
+    assert np.array_equal(TORCH_QUANTIZERS[qtype](w), expected)
     lib = cpu_kernels.library()
     if lib is not None:
         assert np.array_equal(cpu_kernels.quantize_ggml(lib, w, qtype.name).numpy(), expected)
@@ -553,3 +553,58 @@ def test_exporting_a_mapped_checkpoint_leaves_its_pages_behind(tmp_path):
     write_gguf(model, None, tmp_path / "out.gguf", "q8_0")
     assert sum(resident_pages(p) for p in weights) * 4096 < 0.05 * sum(p.nbytes for p in weights)
     assert torch.equal(model(ids), before)
+
+
+def test_a_loaded_gguf_writes_back_block_for_block(default_gguf, tmp_path):
+    """The embedded SmolLM2 (Q4_1 linears, a Q8_0 table, llama layout: q/k rows unpermuted on load
+    and permuted again on export) loaded as it is and written as q4_1: every tensor of the file comes
+    back byte for byte."""
+    lm = phi3.load(default_gguf)
+    out = write_gguf(lm.model, lm.tokenizer, tmp_path / "back.gguf", "q4_1")
+    source, back = read_gguf(default_gguf), read_gguf(out)
+    assert set(source.tensors) == set(back.tensors)
+    for name, t in source.tensors.items():
+        u = back.tensors[name]
+        assert u.qtype == t.qtype and np.asarray(u.raw).tobytes() == np.asarray(t.raw).tobytes(), name
+
+
+def test_int4_groups_of_32_export_as_q4_1_unchanged(tmp_path):
+    """`phi3 quantize --group-size 32` then `--type q4_1`: our int4 groups are Q4_1 blocks (fp16 scale
+    and min), so the file holds exactly the quantized model's weights; as q4_0 they are requantized
+    (Q4_0 has no min of its own) and differ."""
+    from phi3.gguf_export import quantized_rows
+    hf = scaled_down("phi-3-mini-4k-instruct", vocab=32064, head_dim=32)
+    cfg = ModelConfig.from_hf_dict(hf)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        shapes = Phi3ForCausalLM(cfg).state_dict()
+    model = build_model(cfg, {k: torch.randn(v.shape) * 0.05 for k, v in shapes.items()}, torch.float32)
+    from phi3.quant import quantize_model
+    quantize_model(model, bits=4, group_size=32)
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    tok = Tokenizer.from_gguf(PHI3_VOCAB)
+    for kind in ("q4_1", "q4_0"):
+        f = read_gguf(write_gguf(model, tok, tmp_path / f"{kind}.gguf", kind))
+        t = f.tensors["blk.0.attn_qkv.weight"]
+        assert t.qtype == kind.upper()
+        assert torch.equal(dequantize(t), qkv.dequantize()) == (kind == "q4_1")
+    assert quantized_rows(qkv).ggml_blocks(QT.Q4_0) is None  # its mins are its own
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0])
+def test_quantized_rows_are_written_as_they_are(qtype):
+    """Blocks the reference quantizer would not make (a scale below the block's range, as llama.cpp's
+    importance-matrix search picks; levels anywhere) go out unchanged: dequantizing and requantizing
+    them would change them."""
+    from phi3.gguf_export import QuantizedRows, encode_tensor
+    g = torch.Generator().manual_seed(0)
+    scales = (torch.rand(16, 4, generator=g) * 0.01 + 1e-3).half()
+    if qtype == QT.Q8_0:
+        rows = QuantizedRows(8, torch.randint(-100, 100, (16, 128), generator=g, dtype=torch.int8), scales, None)
+    else:
+        mins = (scales.float() * -8).half() if qtype == QT.Q4_0 else (torch.randn(16, 4, generator=g) * 0.01).half()
+        rows = QuantizedRows(4, torch.randint(0, 15, (16, 128), generator=g, dtype=torch.uint8), scales, mins)
+    blocks = encode_tensor(rows, qtype)
+    t = GGUFTensor("w", qtype.name, (16, 128), blocks)
+    assert torch.equal(dequantize(t), rows.dequantize())
+    assert not np.array_equal(TORCH_QUANTIZERS[qtype](rows.dequantize()), blocks)

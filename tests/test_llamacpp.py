@@ -194,3 +194,19 @@ def test_the_file_name_keeps_llama_cpps_tokenizer_rules_in_step_with_ours(tmp_pa
     assert gguf_model_name("Phi-3-mini", tok) == "Phi-3-mini"
     smol = phi3.load(None).tokenizer
     assert gguf_model_name("Phi-3-mini SmolLM2 phi3", smol) == "Phi 3-mini SmolLM2 phi 3"
+
+
+def test_llama_cpps_q4_0_file_writes_back_block_for_block(smollm2_q4_0, tmp_path):
+    """llama.cpp's own Q4_0 quantization, loaded natively (int4 with Q4_0's implied min) and written as
+    q4_0: every Q4_0 tensor of the layers comes back byte for byte, and llama.cpp runs it."""
+    from phi3.gguf import read_gguf
+    lm = phi3.load(smollm2_q4_0)
+    out = write_gguf(lm.model, lm.tokenizer, tmp_path / "back.gguf", "q4_0")
+    source, back = read_gguf(smollm2_q4_0), read_gguf(out)
+    layers = [n for n, t in source.tensors.items() if n.startswith("blk.") and t.qtype == "Q4_0"]
+    assert len(layers) > 100
+    for name in layers:
+        assert back.tensors[name].qtype == "Q4_0"
+        assert np.asarray(back.tensors[name].raw).tobytes() == np.asarray(source.tensors[name].raw).tobytes(), name
+    prompt = lm.chat_prompt("What is the capital of France?")
+    assert llama_greedy(_llama(out), prompt, 8, lm.tokenizer.stop_token_ids)

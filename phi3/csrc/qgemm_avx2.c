@@ -26,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include <float.h>
 
 #ifndef PREFETCH
 #define PREFETCH 1024
@@ -724,12 +725,13 @@ void phi3_quantize_int4(const void *w, int dtype, int N, int K, int G, int refin
 /* Dense weights w [N, K] of `dtype` (K a multiple of 32) -> GGUF blocks [N][K/32][34 or 18], bit for bit
  * as ggml's reference quantizers (quantize_row_q8_0_ref / quantize_row_q4_0_ref) and gguf-py write them.
  * type 0, Q8_0: d = amax / 127, q = roundf(w · (1/d)); type 1, Q4_0: d = (the first w of largest |w|)
- * / −8, q = min(15, (int)(w · (1/d) + 8.5)), qs[j] = q[j] | q[j + 16] << 4. d stored as fp16. Products
+ * / −8, q = min(15, (int)(w · (1/d) + 8.5)); type 2, Q4_1: d = (max − min) / 15, m = min, q = min(15,
+ * (int)((w − m) · (1/d) + 0.5)); qs[j] = q[j] | q[j + 16] << 4, d (and m) stored as fp16. Products
  * and sums stay apart (fp-contract off), as in the reference. */
 __attribute__((optimize("fp-contract=off")))
 void phi3_quantize_ggml(const void *w, int dtype, int N, int K, int type, uint8_t *out, int nthreads) {
     const int nb = K / 32;
-    const size_t esize = dtype == 0 ? 4 : 2, bsize = type == 0 ? 34 : 18;
+    const size_t esize = dtype == 0 ? 4 : 2, bsize = type == 0 ? 34 : type == 1 ? 18 : 20;
     #pragma omp parallel num_threads(nthreads)
     {
         float *x = malloc((size_t)K * sizeof(float));
@@ -739,6 +741,19 @@ void phi3_quantize_ggml(const void *w, int dtype, int N, int K, int type, uint8_
             for (int b = 0; b < nb; b++) {
                 const float *v = x + 32 * b;
                 uint8_t *o = out + ((size_t)n * nb + b) * bsize;
+                if (type == 2) {
+                    float lo = FLT_MAX, hi = -FLT_MAX;
+                    for (int j = 0; j < 32; j++) { lo = v[j] < lo ? v[j] : lo; hi = v[j] > hi ? v[j] : hi; }
+                    const float d = (hi - lo) / 15.0f, id = d != 0.f ? 1.0f / d : 0.0f;
+                    const uint16_t hd = _cvtss_sh(d, 0), hm = _cvtss_sh(lo, 0);
+                    memcpy(o, &hd, 2);
+                    memcpy(o + 2, &hm, 2);
+                    for (int j = 0; j < 16; j++) {
+                        const int a = (int)(int8_t)((v[j] - lo) * id + 0.5f), b = (int)(int8_t)((v[16 + j] - lo) * id + 0.5f);
+                        o[4 + j] = (uint8_t)((a < 15 ? a : 15) | (b < 15 ? b : 15) << 4);
+                    }
+                    continue;
+                }
                 float amax = 0.f, max = 0.f;
                 for (int j = 0; j < 32; j++) {
                     const float a = fabsf(v[j]);
