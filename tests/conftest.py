@@ -83,6 +83,19 @@ def scaled_down(preset: str, layers: int = 2, head_dim: int = 16, original: int 
     return cfg
 
 
+def random_phi3(hf: dict, std: float, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A Phi-3-family model of the HF config dict `hf` with N(0, std²) weights (norms included), built
+    as a checkpoint load builds it."""
+    from phi3.checkpoint import build_model
+    from phi3.config import ModelConfig
+    from phi3.models.phi3 import Phi3ForCausalLM
+    cfg = ModelConfig.from_hf_dict(hf)
+    g = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = Phi3ForCausalLM(cfg).state_dict()
+    return build_model(cfg, {k: torch.randn(v.shape, generator=g) * std for k, v in shapes.items()}, dtype)
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:

@@ -20,7 +20,7 @@ from phi3.models.phi3 import Phi3ForCausalLM
 from phi3.quant import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
 from phi3.tokenizer import Tokenizer
 
-from .conftest import SHARED, scaled_down
+from .conftest import SHARED, random_phi3, scaled_down
 from .test_memory import linux, resident_pages
 from .test_tokenizer import case_params
 
@@ -538,12 +538,7 @@ def test_exporting_a_mapped_checkpoint_leaves_its_pages_behind(tmp_path):
     from phi3.checkpoint import load_hf_checkpoint, save_hf_checkpoint
     from phi3.gguf_export import write_gguf
     hf = scaled_down("phi-3-mini-4k-instruct", vocab=32064, head_dim=32)
-    cfg = ModelConfig.from_hf_dict(hf)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        shapes = Phi3ForCausalLM(cfg).state_dict()
-    state = {k: torch.randn(v.shape) * 0.02 for k, v in shapes.items()}
-    save_hf_checkpoint(build_model(cfg, state, torch.bfloat16), tmp_path / "ckpt", dtype="bfloat16")
+    save_hf_checkpoint(random_phi3(hf, 0.02, torch.bfloat16), tmp_path / "ckpt", dtype="bfloat16")
     model = load_hf_checkpoint(tmp_path / "ckpt", "bfloat16")
     ids = torch.tensor([[1, 5, 9, 200]])
     before = model(ids)
@@ -574,11 +569,7 @@ def test_int4_groups_of_32_export_as_q4_1_unchanged(tmp_path):
     (Q4_0 has no min of its own) and differ."""
     from phi3.gguf_export import quantized_rows
     hf = scaled_down("phi-3-mini-4k-instruct", vocab=32064, head_dim=32)
-    cfg = ModelConfig.from_hf_dict(hf)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        shapes = Phi3ForCausalLM(cfg).state_dict()
-    model = build_model(cfg, {k: torch.randn(v.shape) * 0.05 for k, v in shapes.items()}, torch.float32)
+    model = random_phi3(hf, 0.05)
     from phi3.quant import quantize_model
     quantize_model(model, bits=4, group_size=32)
     qkv = model.model.layers[0].self_attn.qkv_proj

@@ -14,7 +14,7 @@ from phi3.models.phi3 import Phi3ForCausalLM
 from phi3.quant import Int4Linear
 from phi3.tokenizer import Tokenizer
 
-from .conftest import SHARED, scaled_down
+from .conftest import SHARED, random_phi3, scaled_down
 
 import llama_cpp  # a test dependency (pyproject [test])
 
@@ -181,11 +181,7 @@ def test_the_file_name_keeps_llama_cpps_tokenizer_rules_in_step_with_ours(tmp_pa
     from phi3.gguf import read_gguf
     from phi3.gguf_export import gguf_model_name
     hf = scaled_down("phi-3-mini-4k-instruct", vocab=32064, head_dim=32)
-    cfg = ModelConfig.from_hf_dict(hf)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        shapes = Phi3ForCausalLM(cfg).state_dict()
-    model = build_model(cfg, {k: torch.randn(v.shape) * 0.1 for k, v in shapes.items()}, torch.float32)
+    model = random_phi3(hf, 0.1)
     tok = Tokenizer.from_gguf(SHARED / "tokenizer" / "ggml-vocab-phi-3.gguf")
     path = write_gguf(model, tok, tmp_path / "m.gguf", "f16", name="my-finetune")
     assert read_gguf(path).metadata["general.name"] == "phi3-my-finetune"
