@@ -138,7 +138,7 @@ def main() -> None:
         ("dedup (datatrove MinHash, 4 stages)", n, t_dt, f"removed {n - kept_dt} (injected {injected})"),
         ("classifier scoring (MiniLM + ridge)", n_clf, t_clf, "embeds every document"),
     ]
-    header = f"| stage | documents | seconds | documents/s | notes |\n|---|---:|---:|---:|---|"
+    header = "| stage | documents | seconds | documents/s | notes |\n|---|---:|---:|---:|---|"
     lines = [f"| {name} | {docs} | {secs:.1f} | {docs / secs:.1f} | {note} |" for name, docs, secs, note in rows]
     table = "\n".join([header, *lines])
     print(table)

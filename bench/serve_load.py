@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -234,7 +233,7 @@ def main() -> int:
 
     command = "python bench/serve_load.py " + " ".join(sys.argv[1:])
     text = "\n".join([
-        f"## Serving under load (`bench/serve_load.py`)",
+        "## Serving under load (`bench/serve_load.py`)",
         "",
         f"`{command.strip()}` on {platform.machine()}, {os.cpu_count()} cores, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; model `{gguf.name}`; {args.clients} streaming "

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from phi3.checkpoint import build_model, save_hf_checkpoint
-from phi3.config import ModelConfig, config_from_hf_dict
+from phi3.config import config_from_hf_dict
 
 from .conftest import scaled_down
 from .models import test_phi3small, test_phimoe
