@@ -6,6 +6,7 @@ Marked `browser`: `.ci/run` installs chromium and runs these (`make test-browser
 import json
 import shutil
 import tempfile
+import time
 
 import pytest
 
@@ -13,6 +14,7 @@ from .conftest import served
 
 pytestmark = pytest.mark.browser
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+PACE_S = 0.05
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -25,6 +27,11 @@ def page(smol):
         pytest.fail("the browser tests need Debian's chromium: apt-get install -y chromium")
     with served(smol, slots=2, slot_len=512) as (url, engine), sync_playwright() as p, \
             tempfile.TemporaryDirectory() as profile:
+        # one token per PACE_S at most: the 135M model makes a short reply in a few ms, and a busy
+        # browser then takes several streamed events in one task (seen once in CI: the reply grew
+        # in a single DOM update); paced, each token is its own update however loaded the machine
+        decode = engine._decode
+        engine._decode = lambda: (time.sleep(PACE_S), decode())
         browser = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, args=FLAGS,
                                                        headless=True)
         tab = browser.new_page()
