@@ -18,6 +18,7 @@ that llama.cpp (and so ollama, LM Studio …) loads.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,47 +190,66 @@ def encode_tensor(w: torch.Tensor | QuantizedRows, qtype: GGML) -> np.ndarray:
 
 
 # ---- tensors ----------------------------------------------------------------------------------
-def _tensor_plan(model, cfg: ModelConfig) -> list[tuple[str, Any]]:
-    """(GGUF name, zero-argument function returning the fp32 tensor), in file order."""
+def _shape(module: torch.nn.Module) -> tuple[int, ...]:
+    """A linear's, table's or norm's weight shape, without reading (or dequantizing) it."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return tuple(weight.shape)
+    if hasattr(module, "out_features"):
+        return module.out_features, module.in_features
+    return module.num_embeddings, module.embedding_dim
+
+
+def _tensor_plan(model, cfg: ModelConfig) -> list[tuple[str, tuple[int, ...], Any]]:
+    """(GGUF name, shape, zero-argument function giving the tensor or its `QuantizedRows`), in file
+    order; the shapes are known without reading a weight (the header is written first)."""
     arch = "phi3" if cfg.layout == "phi3" else "llama"
     m = model.model
-    plan: list[tuple[str, Any]] = [("token_embd.weight", lambda: _weight(m.embed_tokens))]
+    plan: list[tuple[str, tuple[int, ...], Any]] = [
+        ("token_embd.weight", _shape(m.embed_tokens), lambda: _weight(m.embed_tokens))]
     q_rows = cfg.num_attention_heads * cfg.head_dim
     kv_rows = cfg.num_key_value_heads * cfg.head_dim
+
+    def whole(name: str, module: torch.nn.Module):
+        return name, _shape(module), lambda: _weight(module)
+
+    def rows(name: str, module: torch.nn.Module, lo: int, hi: int, heads: int = 0):
+        def get():
+            w = _weight(module)[lo:hi]
+            if not heads:
+                return w
+            if isinstance(w, QuantizedRows):
+                return w.map_rows(lambda t: permute_rows(t, heads))
+            return permute_rows(w, heads)
+        return name, (hi - lo, _shape(module)[1]), get
+
     for i, layer in enumerate(m.layers):
         a, f, p = layer.self_attn, layer.mlp, f"blk.{i}."
-        plan.append((p + "attn_norm.weight", lambda layer=layer: layer.input_layernorm.weight.detach()))
+        plan.append(whole(p + "attn_norm.weight", layer.input_layernorm))
         if arch == "phi3":
-            plan.append((p + "attn_qkv.weight", lambda a=a: _weight(a.qkv_proj)))
-            plan.append((p + "ffn_up.weight", lambda f=f: _weight(f.gate_up_proj)))
+            plan += [whole(p + "attn_qkv.weight", a.qkv_proj), whole(p + "ffn_up.weight", f.gate_up_proj)]
         else:
-            def qkv_part(a, lo, hi, heads):
-                def get():
-                    w = _weight(a.qkv_proj)[lo:hi]
-                    if not heads:
-                        return w
-                    return w.map_rows(lambda t: permute_rows(t, heads)) if isinstance(w, QuantizedRows) \
-                        else permute_rows(w, heads)
-                return get
-            plan.append((p + "attn_q.weight", qkv_part(a, 0, q_rows, cfg.num_attention_heads)))
-            plan.append((p + "attn_k.weight", qkv_part(a, q_rows, q_rows + kv_rows, cfg.num_key_value_heads)))
-            plan.append((p + "attn_v.weight", qkv_part(a, q_rows + kv_rows, q_rows + 2 * kv_rows, 0)))
             half = cfg.intermediate_size
-            plan.append((p + "ffn_gate.weight", lambda f=f: _weight(f.gate_up_proj)[:half]))
-            plan.append((p + "ffn_up.weight", lambda f=f: _weight(f.gate_up_proj)[half:]))
-        plan.append((p + "attn_output.weight", lambda a=a: _weight(a.o_proj)))
-        plan.append((p + "ffn_norm.weight", lambda layer=layer: layer.post_attention_layernorm.weight.detach()))
-        plan.append((p + "ffn_down.weight", lambda f=f: _weight(f.down_proj)))
-    plan.append(("output_norm.weight", lambda: m.norm.weight.detach()))
+            plan += [rows(p + "attn_q.weight", a.qkv_proj, 0, q_rows, cfg.num_attention_heads),
+                     rows(p + "attn_k.weight", a.qkv_proj, q_rows, q_rows + kv_rows, cfg.num_key_value_heads),
+                     rows(p + "attn_v.weight", a.qkv_proj, q_rows + kv_rows, q_rows + 2 * kv_rows),
+                     rows(p + "ffn_gate.weight", f.gate_up_proj, 0, half),
+                     rows(p + "ffn_up.weight", f.gate_up_proj, half, 2 * half)]
+        plan.append(whole(p + "attn_output.weight", a.o_proj))
+        plan.append(whole(p + "ffn_norm.weight", layer.post_attention_layernorm))
+        plan.append(whole(p + "ffn_down.weight", f.down_proj))
+    plan.append(whole("output_norm.weight", m.norm))
     head, table = model.lm_head, m.embed_tokens
     tied = cfg.tie_word_embeddings and (  # one tensor: dense and shared, or the table read from the quantized head
         getattr(table, "head", None) is head or getattr(head, "weight", None) is getattr(table, "weight", False))
     if not tied:
-        plan.append(("output.weight", lambda: _weight(model.lm_head)))
+        plan.append(whole("output.weight", head))
     if cfg.is_longrope:
         rs = cfg.rope_scaling
-        plan.append(("rope_factors_long.weight", lambda: torch.tensor(rs["long_factor"], dtype=torch.float32)))
-        plan.append(("rope_factors_short.weight", lambda: torch.tensor(rs["short_factor"], dtype=torch.float32)))
+        for key in ("long", "short"):
+            factors = rs[f"{key}_factor"]
+            plan.append((f"rope_factors_{key}.weight", (len(factors),),
+                         lambda factors=factors: torch.tensor(factors, dtype=torch.float32)))
     return plan
 
 
@@ -241,8 +261,8 @@ def permute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return halves.transpose(1, 2).reshape(rows, *rest)  # (head, i, j, ...) -> rows
 
 
-def _tensor_type(name: str, weight: torch.Tensor, kind: str) -> GGML:
-    if weight.dim() == 1 or kind == "f32":
+def _tensor_type(name: str, shape: tuple[int, ...], kind: str) -> GGML:
+    if len(shape) == 1 or kind == "f32":
         return GGML.F32
     if kind in ("q4_0", "q4_1") and name in ("token_embd.weight", "output.weight"):
         return GGML.Q8_0
@@ -421,23 +441,23 @@ def write_gguf(model, tokenizer: Tokenizer | None, path: str | Path, kind: str =
                 _add_kv(writer, key, value)
         # tensor infos need each encoded size: shapes and types are known without encoding
         encoded_specs = []
-        for gguf_name, get in plan:
-            w = get()
-            qtype = _tensor_type(gguf_name, w, kind)
+        for gguf_name, shape, _ in plan:
+            qtype = _tensor_type(gguf_name, shape, kind)
             block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-            nbytes = w.numel() // block * type_size
+            nbytes = math.prod(shape) // block * type_size
             dtype = {GGML.F32: np.float32, GGML.F16: np.float16}.get(qtype, np.uint8)
-            shape = list(w.shape)
+            shape = list(shape)
             if dtype is np.uint8:  # the writer takes quantized shapes in bytes per row
                 shape[-1] = shape[-1] // block * type_size
             writer.add_tensor_info(gguf_name, shape, np.dtype(dtype), nbytes, raw_dtype=qtype)
             encoded_specs.append(qtype)
-            del w
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for (gguf_name, get), qtype in _progress(list(zip(plan, encoded_specs)), progress):
+        for (gguf_name, shape, get), qtype in _progress(list(zip(plan, encoded_specs)), progress):
             w = get()
+            if tuple(w.shape) != shape:  # the header promised `shape`
+                raise Phi3Error(f"{gguf_name}: weight of shape {list(w.shape)}, expected {list(shape)}")
             writer.write_tensor_data(encode_tensor(w, qtype))
             if isinstance(w, torch.Tensor):
                 drop_file_pages(w)  # a memory-mapped checkpoint's weights: read once, not kept resident
