@@ -507,14 +507,27 @@ static void dequant_block(int type, const uint8_t *blk, float *w) {
                          nibble i/2 of ql[64h + l + 32(i%2)], high 2 from bits 2i, 2i+1 of qh[32h + l] */
         const int8_t *sc = (const int8_t *)(blk + 192);
         const float d = f16_at(blk + 208);
-        for (int h = 0; h < 2; h++) {
-            const uint8_t *ql = blk + 64 * h, *qh = blk + 128 + 32 * h;
-            for (int l = 0; l < 32; l++) {
-                const int q[4] = {(ql[l] & 15) | (qh[l] & 3) << 4, (ql[l + 32] & 15) | (qh[l] >> 2 & 3) << 4,
-                                  (ql[l] >> 4) | (qh[l] >> 4 & 3) << 4, (ql[l + 32] >> 4) | (qh[l] >> 6 & 3) << 4};
-                for (int k = 0; k < 4; k++) {
-                    const int j = 128 * h + 32 * k + l;
-                    w[j] = (float)(q[k] - 32) * (d * (float)sc[j / 16]);
+        const __m256i m4 = _mm256_set1_epi8(15), m2 = _mm256_set1_epi8(3), bias = _mm256_set1_epi8(32);
+        for (int h = 0; h < 2; h++) {  /* 32 lanes l at once: the four weights 128h + 32k + l */
+            const __m256i lo = _mm256_loadu_si256((const __m256i *)(blk + 64 * h)),
+                          hi = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32)),
+                          qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
+            const __m256i q[4] = {  /* 6-bit q − 32, int8 */
+                _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(lo, m4),
+                                                _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4)), bias),
+                _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(hi, m4),
+                                                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4)), bias),
+                _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo, 4), m4),
+                                                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4)), bias),
+                _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(hi, 4), m4),
+                                                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4)), bias)};
+            for (int k = 0; k < 4; k++) {
+                int8_t b[32];
+                _mm256_storeu_si256((__m256i *)b, q[k]);
+                for (int e = 0; e < 4; e++) {  /* 8 weights of one sub-block of 16: one scale */
+                    const int j = 128 * h + 32 * k + 8 * e;
+                    const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + 8 * e))));
+                    _mm256_storeu_ps(w + j, _mm256_mul_ps(v, _mm256_set1_ps(d * (float)sc[j / 16])));
                 }
             }
         }
