@@ -536,15 +536,20 @@ static void dequant_block(int type, const uint8_t *blk, float *w) {
     case REQ_Q5_K: {  /* d, dmin, scales[12], qh[32] (bit j of byte l: 5th bit of weight l of sub-block j),
                          qs[128] (sub-blocks 2i, 2i+1: low / high nibbles of qs[32i ..]) */
         const float d = f16_at(blk), dmin = f16_at(blk + 2);
-        for (int j = 0; j < 8; j++) {
+        const __m256i m4 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
+        const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 16));
+        for (int j = 0; j < 8; j++) {  /* 32 lanes l at once */
             int sc, m;
             k_scale_min(blk + 4, j, &sc, &m);
-            const float scale = d * (float)sc, offset = dmin * (float)m;
-            const uint8_t *qs = blk + 48 + 32 * (j / 2);
-            for (int l = 0; l < 32; l++) {
-                const int q = ((j & 1) ? qs[l] >> 4 : qs[l] & 15) | ((blk[16 + l] >> j) & 1) << 4;
-                const float p = (float)q * scale;
-                w[32 * j + l] = p - offset;
+            const __m256 scale = _mm256_set1_ps(d * (float)sc), offset = _mm256_set1_ps(dmin * (float)m);
+            const __m256i qs = _mm256_loadu_si256((const __m256i *)(blk + 48 + 32 * (j / 2)));
+            const __m256i low = _mm256_and_si256((j & 1) ? _mm256_srli_epi16(qs, 4) : qs, m4);
+            const __m256i high = _mm256_and_si256(_mm256_srli_epi16(qh, j), one);  /* bit j of qh[l] */
+            uint8_t q[32];
+            _mm256_storeu_si256((__m256i *)q, _mm256_or_si256(low, _mm256_slli_epi16(high, 4)));
+            for (int e = 0; e < 4; e++) {
+                const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * e))));
+                _mm256_storeu_ps(w + 32 * j + 8 * e, _mm256_sub_ps(_mm256_mul_ps(v, scale), offset));
             }
         }
         break;
