@@ -631,13 +631,18 @@ static void int8_group(const float *x, int i, uint8_t *o) {
     const uint16_t hs = _cvtss_sh(s, 0);
     memcpy(o + 2 * i, &hs, 2);
     const __m256 sv = _mm256_set1_ps(_cvtsh_ss(hs)), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
-    int32_t q[32];
-    for (int k = 0; k < 32; k += 8) {
-        const __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + k), sv), ROUND_EVEN);
-        _mm256_storeu_si256((__m256i *)(q + k), _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi)));
+    __m256i q[4];
+    for (int k = 0; k < 4; k++) {
+        const __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + 8 * k), sv), ROUND_EVEN);
+        q[k] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
     }
-    for (int c = 0; c < 8; c++)
-        for (int b = 0; b < 4; b++) o[16 + 32 * c + 4 * i + b] = (uint8_t)(int8_t)q[4 * c + b];
+    /* 32 int32 in −127..127 -> 32 int8 in order: the packs interleave 128-bit lanes, the permute undoes it */
+    const __m256i bytes = _mm256_permutevar8x32_epi32(
+        _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])),
+        _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    uint32_t words[8];  /* word c: weights 4c .. 4c + 3 */
+    _mm256_storeu_si256((__m256i *)words, bytes);
+    for (int c = 0; c < 8; c++) memcpy(o + 16 + 32 * c + 4 * i, words + c, 4);
 }
 
 /* One group of G weights (G a multiple of 8) -> fp16 scale *hs and min *hm, levels q[G] in 0..15, as
