@@ -90,7 +90,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .api import load
+    from .api import is_gguf_file, load, resolve
+    from .gguf import read_gguf
     from .checkpoint import save_hf_checkpoint
 
     dst = Path(args.dst)
@@ -99,9 +100,12 @@ def cmd_convert(args) -> int:
         if dst.is_dir():
             raise Phi3Error(f"{dst}: is a directory, expected a .gguf file path")
         # an HF checkpoint in its own dtype (bf16 stays memory-mapped and is encoded a tensor at a time:
-        # fp32 would hold 15 GB for phi-3-mini); a GGUF's blocks dequantized to fp32, where they are exact
-        lm = load(args.src, "float32" if str(args.src).endswith(".gguf") else None, dequantize=True)
-        write_gguf(lm.model, lm.tokenizer, dst, args.type, name=Path(args.src).stem, progress=True)
+        # fp32 would hold 15 GB for phi-3-mini); a GGUF as it loads (compact), its tensors then written
+        # from the file itself: the same blocks where the type stays, else dequantized exactly one at a time
+        src = resolve(args.src)
+        source = read_gguf(src) if src.is_file() and is_gguf_file(src) else None
+        lm = load(src, dequantize=source is None)
+        write_gguf(lm.model, lm.tokenizer, dst, args.type, name=Path(args.src).stem, progress=True, source=source)
         print(f"wrote GGUF {dst} ({args.type}, {dst.stat().st_size / 1e6:.1f} MB)")
         return 0
     if dst.exists() and not dst.is_dir():

@@ -32,6 +32,7 @@ from . import cpu_kernels
 from .atomic import atomic_write
 from .config import ModelConfig, longrope_attention_factor
 from .errors import Phi3Error
+from .gguf import GGUFFile, GGUFTensor, dequantize
 from .memory import drop_file_pages
 from .quant import dense_weight
 from .tokenizer import _BYTE_LEVEL_PRES, Tokenizer, _is_phi3_vocab
@@ -416,10 +417,13 @@ def _add_kv(writer: gguf.GGUFWriter, key: str, value: Any) -> None:
 
 # ---- the file ----------------------------------------------------------------------------------
 def write_gguf(model, tokenizer: Tokenizer | None, path: str | Path, kind: str = "f16",
-               name: str | None = None, progress: bool = False) -> Path:
-    """Write `model` (+ `tokenizer`) as a GGUF file of tensor type `kind` (f32|f16|q8_0|q4_0).
+               name: str | None = None, progress: bool = False, source: GGUFFile | None = None) -> Path:
+    """Write `model` (+ `tokenizer`) as a GGUF file of tensor type `kind` (f32|f16|q8_0|q4_0|q4_1).
     `name` (default: the checkpoint's `_name_or_path`, else its model_type) goes to `general.name`
-    as `gguf_model_name` makes it safe for llama.cpp."""
+    as `gguf_model_name` makes it safe for llama.cpp. `source`: the GGUF the model was loaded from;
+    a tensor it holds under the same name and shape is taken from it (its bytes where the type is the
+    same, else dequantized from it exactly), not from the model, whose non-native types were
+    requantized when it loaded."""
     if kind not in EXPORT_TYPES:
         raise Phi3Error(f"GGUF type {kind!r} is not supported (use one of {', '.join(EXPORT_TYPES)})")
     cfg: ModelConfig = model.config
@@ -455,6 +459,11 @@ def write_gguf(model, tokenizer: Tokenizer | None, path: str | Path, kind: str =
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for (gguf_name, shape, get), qtype in _progress(list(zip(plan, encoded_specs)), progress):
+            original = source.tensors.get(gguf_name) if source is not None else None
+            if original is not None and tuple(original.shape) == tuple(shape):
+                writer.write_tensor_data(_encode_original(original, qtype))
+                source.release_pages()
+                continue
             w = get()
             if tuple(w.shape) != shape:  # the header promised `shape`
                 raise Phi3Error(f"{gguf_name}: weight of shape {list(w.shape)}, expected {list(shape)}")
@@ -465,6 +474,14 @@ def write_gguf(model, tokenizer: Tokenizer | None, path: str | Path, kind: str =
 
     atomic_write(path, write)
     return path
+
+
+def _encode_original(t: GGUFTensor, qtype: GGML) -> np.ndarray:
+    """A source file's tensor as `qtype`: its own bytes when it is of that type, else dequantized
+    (exactly, in fp32) and encoded."""
+    if t.qtype == qtype.name:
+        return np.ascontiguousarray(np.asarray(t.raw))
+    return encode_tensor(dequantize(t), qtype)
 
 
 def _progress(items: list, enabled: bool) -> Iterator:

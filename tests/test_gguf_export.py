@@ -599,3 +599,26 @@ def test_quantized_rows_are_written_as_they_are(qtype):
     t = GGUFTensor("w", qtype.name, (16, 128), blocks)
     assert torch.equal(dequantize(t), rows.dequantize())
     assert not np.array_equal(TORCH_QUANTIZERS[qtype](rows.dequantize()), blocks)
+
+
+def test_gguf_to_gguf_takes_the_tensors_from_the_source_file(default_gguf, tmp_path, monkeypatch):
+    """`phi3 convert model.gguf out.gguf`: the model loads as it is (compact) and each tensor is taken
+    from the source file — its bytes where the type stays (the Q8_0 table as q8_0), else dequantized
+    exactly and encoded — giving the very file the old way gave (the whole model dequantized to fp32
+    first: 15 GB for a 3.8B), which is the reference here."""
+    import phi3.gguf_export as export
+    from phi3.cli import main
+    taken = []
+    encode_original = export._encode_original
+    monkeypatch.setattr(export, "_encode_original", lambda t, qtype: taken.append(t.name) or encode_original(t, qtype))
+    out = tmp_path / "q8.gguf"
+    assert main(["convert", str(default_gguf), str(out), "--type", "q8_0"]) == 0
+    assert sorted(taken) == sorted(read_gguf(default_gguf).tensors)  # every one from the file
+    monkeypatch.undo()
+    full = phi3.load(default_gguf, "float32", dequantize=True)
+    reference = write_gguf(full.model, full.tokenizer, tmp_path / "ref.gguf", "q8_0", name=default_gguf.stem)
+    got, ref = read_gguf(out), read_gguf(reference)
+    assert got.metadata == ref.metadata and set(got.tensors) == set(ref.tensors)
+    for name, t in ref.tensors.items():
+        assert got.tensors[name].qtype == t.qtype
+        assert np.asarray(got.tensors[name].raw).tobytes() == np.asarray(t.raw).tobytes(), name
