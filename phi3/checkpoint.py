@@ -208,7 +208,10 @@ def atomic_write_json(path: Path, obj) -> None:
 
 
 def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    try:
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    except (OSError, SafetensorError) as e:  # the disk filling up, a read-only place: the old file kept
+        raise CheckpointError(f"{path}: could not write ({e})") from None
 
 
 def export_state_dict(model: Phi3ForCausalLM) -> dict[str, torch.Tensor]:

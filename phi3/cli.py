@@ -89,9 +89,26 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _gguf_without_weights(f):
+    """The model of a GGUF file built on the meta device (shapes and config, no weights) and its
+    tokenizer: all `phi3 convert` needs when every tensor of the output is taken from the file."""
+    import torch
+
+    from .checkpoint import model_class
+    from .config import config_from_hf_dict
+    from .gguf import gguf_to_hf_config
+    from .tokenizer import Tokenizer
+
+    cfg = config_from_hf_dict(gguf_to_hf_config(f))
+    with torch.device("meta"):
+        model = model_class(cfg)(cfg)
+    return model, Tokenizer.from_gguf_metadata(f.metadata, source=str(f.path))
+
+
 def cmd_convert(args) -> int:
     from .api import is_gguf_file, load, resolve
     from .gguf import read_gguf
+    from .gguf_export import all_from_source
     from .checkpoint import save_hf_checkpoint
 
     dst = Path(args.dst)
@@ -104,8 +121,11 @@ def cmd_convert(args) -> int:
         # from the file itself: the same blocks where the type stays, else dequantized exactly one at a time
         src = resolve(args.src)
         source = read_gguf(src) if src.is_file() and is_gguf_file(src) else None
-        lm = load(src, dequantize=source is None)
-        write_gguf(lm.model, lm.tokenizer, dst, args.type, name=Path(args.src).stem, progress=True, source=source)
+        model, tokenizer = _gguf_without_weights(source) if source is not None else (None, None)
+        if model is None or not all_from_source(model, source):
+            lm = load(src, dequantize=source is None)
+            model, tokenizer = lm.model, lm.tokenizer
+        write_gguf(model, tokenizer, dst, args.type, name=Path(args.src).stem, progress=True, source=source)
         print(f"wrote GGUF {dst} ({args.type}, {dst.stat().st_size / 1e6:.1f} MB)")
         return 0
     if dst.exists() and not dst.is_dir():

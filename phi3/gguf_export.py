@@ -472,8 +472,19 @@ def write_gguf(model, tokenizer: Tokenizer | None, path: str | Path, kind: str =
                 drop_file_pages(w)  # a memory-mapped checkpoint's weights: read once, not kept resident
         writer.close()
 
-    atomic_write(path, write)
+    try:
+        atomic_write(path, write)
+    except OSError as e:  # the disk filling up, a read-only place: one line, the old file kept
+        raise Phi3Error(f"{path}: could not write the GGUF file ({e.strerror or e})") from None
     return path
+
+
+def all_from_source(model, source: GGUFFile) -> bool:
+    """Whether every tensor the file of `model` holds would be taken from `source` (same names and
+    shapes): the model's weights are then never read, and a model without them (on the meta device)
+    will do."""
+    return all(name in source.tensors and tuple(source.tensors[name].shape) == tuple(shape)
+               for name, shape, _ in _tensor_plan(model, model.config))
 
 
 def _encode_original(t: GGUFTensor, qtype: GGML) -> np.ndarray:

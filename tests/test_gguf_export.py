@@ -606,14 +606,18 @@ def test_gguf_to_gguf_takes_the_tensors_from_the_source_file(default_gguf, tmp_p
     from the source file — its bytes where the type stays (the Q8_0 table as q8_0), else dequantized
     exactly and encoded — giving the very file the old way gave (the whole model dequantized to fp32
     first: 15 GB for a 3.8B), which is the reference here."""
+    import phi3.api
     import phi3.gguf_export as export
     from phi3.cli import main
     taken = []
     encode_original = export._encode_original
     monkeypatch.setattr(export, "_encode_original", lambda t, qtype: taken.append(t.name) or encode_original(t, qtype))
     out = tmp_path / "q8.gguf"
+    loads, load = [], phi3.api.load
+    monkeypatch.setattr(phi3.api, "load", lambda *a, **k: loads.append(a) or load(*a, **k))
     assert main(["convert", str(default_gguf), str(out), "--type", "q8_0"]) == 0
     assert sorted(taken) == sorted(read_gguf(default_gguf).tensors)  # every one from the file
+    assert not loads  # so no weights were loaded: the model was built without them
     monkeypatch.undo()
     full = phi3.load(default_gguf, "float32", dequantize=True)
     reference = write_gguf(full.model, full.tokenizer, tmp_path / "ref.gguf", "q8_0", name=default_gguf.stem)
@@ -622,3 +626,25 @@ def test_gguf_to_gguf_takes_the_tensors_from_the_source_file(default_gguf, tmp_p
     for name, t in ref.tensors.items():
         assert got.tensors[name].qtype == t.qtype
         assert np.asarray(got.tensors[name].raw).tobytes() == np.asarray(t.raw).tobytes(), name
+
+
+def test_a_failed_write_is_a_clear_error_and_keeps_the_old_file(default_gguf, tmp_path, monkeypatch, capsys):
+    """The disk filling up while `phi3 convert` / `phi3 quantize` write (seen in a benchmark run): one
+    error line naming the file, no stack trace, and a file already at the destination is untouched."""
+    from phi3.cli import main
+    out = tmp_path / "out.gguf"
+    out.write_bytes(b"the previous file")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", disk_full)
+    assert main(["convert", str(default_gguf), str(out), "--type", "q8_0"]) == 2
+    err = capsys.readouterr().err
+    assert "out.gguf" in err and "No space left on device" in err and "Traceback" not in err
+    assert out.read_bytes() == b"the previous file" and sorted(p.name for p in tmp_path.iterdir()) == ["out.gguf"]
+
+    monkeypatch.setattr(phi3.checkpoint, "save_file", disk_full)
+    assert main(["quantize", str(default_gguf), str(tmp_path / "q"), "--bits", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors" in err and "No space left on device" in err and "Traceback" not in err
+    assert not (tmp_path / "q" / "model.safetensors").exists()
