@@ -34,7 +34,7 @@ from .config import ModelConfig, longrope_attention_factor
 from .errors import Phi3Error
 from .gguf import GGUFFile, GGUFTensor, dequantize
 from .memory import drop_file_pages
-from .quant import dense_weight
+from .quant import QUANTIZED, dense_weight, unpack_nibbles
 from .tokenizer import _BYTE_LEVEL_PRES, Tokenizer, _is_phi3_vocab
 
 GGML = gguf.GGMLQuantizationType
@@ -147,8 +147,6 @@ class QuantizedRows:
 def quantized_rows(module: torch.nn.Module) -> QuantizedRows | None:
     """A quantized linear's or table's weight as `QuantizedRows`, None for a dense module or one whose
     groups are not ggml's 32 (per-channel int8, int4 groups of 64 ...)."""
-    from .quant import QUANTIZED, unpack_nibbles
-
     if not isinstance(module, QUANTIZED):
         return None
     stored = module.stored()
