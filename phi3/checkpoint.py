@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from .atomic import atomic_write, atomic_write_bytes
+from .atomic import atomic_write_bytes
 from .config import ModelConfig, read_config_file
 from .errors import CheckpointError
 from .layers import RotaryEmbedding, use_native_bf16
 from .memory import return_freed_memory
 from .models.phi3 import Phi3ForCausalLM
-from .quant import load_quantized_modules, quantized_state_dict
+from .quant import QUANTIZED, load_quantized_modules
+from .safetensors_writer import Entry, write_safetensors
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -207,48 +208,72 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _save_safetensors(entries: list[Entry], path: Path) -> None:
     try:
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    except (OSError, SafetensorError) as e:  # the disk filling up, a read-only place: the old file kept
+        write_safetensors(path, entries, metadata={"format": "pt"})
+    except OSError as e:  # the disk filling up, a read-only place: the old file kept
         raise CheckpointError(f"{path}: could not write ({e})") from None
 
 
-def export_state_dict(model: Phi3ForCausalLM) -> dict[str, torch.Tensor]:
-    """HF tensor names. A quantized model keeps the fused Phi-3 names whatever its layout
-    (its quantized tensors are read by phi3, not by transformers)."""
+def _stored_once(module: torch.nn.Module) -> Callable[[str], torch.Tensor]:
+    """`get(key)`: the module's `stored()[key]`, computed once for all its keys (a native layout is
+    unpacked in one pass), each handed out once so that it is freed when written."""
+    cache: dict[str, torch.Tensor] = {}
+
+    def get(key: str) -> torch.Tensor:
+        if key not in cache:
+            cache.clear()
+            cache.update(module.stored())
+        return cache.pop(key)
+    return get
+
+
+def export_entries(model: Phi3ForCausalLM, dtype: torch.dtype | None = None) -> list[Entry]:
+    """The tensors of the model's HF checkpoint, by HF name, each produced when it is written
+    (`dtype`: the float tensors cast, one at a time). A quantized model keeps the fused Phi-3
+    names whatever its layout (its quantized tensors are read by phi3, not by transformers)."""
     cfg = model.config
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings and isinstance(model.model.embed_tokens, torch.nn.Embedding):
         sd.pop("lm_head.weight", None)
-    quantized = quantized_state_dict(model)
-    if quantized:
-        return {**sd, **quantized}
-    return split_to_llama_layout(sd, cfg) if cfg.layout == "llama" else sd
+    quantized = [(name, m) for name, m in model.named_modules() if isinstance(m, QUANTIZED)]
+    if not quantized and cfg.layout == "llama":
+        sd = split_to_llama_layout(sd, cfg)
+
+    def cast(t: torch.Tensor) -> torch.dtype:
+        return dtype if dtype is not None and t.is_floating_point() else t.dtype
+
+    entries = [Entry(name, tuple(t.shape), cast(t), lambda t=t: t.to(cast(t))) for name, t in sd.items()]
+    for name, m in quantized:
+        get = _stored_once(m)
+        for key, (shape, dt) in m.stored_layout().items():
+            if key == "bias" and dtype is not None:
+                entries.append(Entry(f"{name}.{key}", shape, dtype, lambda get=get, key=key: get(key).to(dtype)))
+            else:
+                entries.append(Entry(f"{name}.{key}", shape, dt, lambda get=get, key=key: get(key)))
+    return entries
 
 
 def save_hf_checkpoint(model: Phi3ForCausalLM, path: str | Path, tokenizer=None,
                        max_shard_bytes: int = 5 * 2**30, dtype: str | torch.dtype | None = None) -> Path:
-    """Write an HF directory that transformers loads unchanged. Every file is written atomically."""
+    """Write an HF directory that transformers loads unchanged. Every file is written atomically,
+    a tensor at a time (`export_entries`): no second copy of the model is made."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    sd = export_state_dict(model)
-    if dtype is not None:
-        sd = {k: v.to(parse_dtype(dtype)) if v.is_floating_point() and not _is_quant_tensor(k) else v
-              for k, v in sd.items()}
+    entries = export_entries(model, None if dtype is None else parse_dtype(dtype))
     out_dtype = model.dtype if dtype is None else parse_dtype(dtype)
-    shards = _shard(sd, max_shard_bytes)
+    shards = _shard(entries, max_shard_bytes)
     if len(shards) == 1:
-        _atomic_save_safetensors(shards[0], path / "model.safetensors")
+        _save_safetensors(shards[0], path / "model.safetensors")
         (path / INDEX_NAME).unlink(missing_ok=True)
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         weight_map = {}
         for name, shard in zip(names, shards):
-            _atomic_save_safetensors(shard, path / name)
-            weight_map.update({k: name for k in shard})
-        total = sum(t.numel() * t.element_size() for t in sd.values())
+            _save_safetensors(shard, path / name)
+            weight_map.update({e.name: name for e in shard})
+        total = sum(e.nbytes for e in entries)
         atomic_write_json(path / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
         (path / "model.safetensors").unlink(missing_ok=True)
     hf = cfg.to_hf_dict()
@@ -263,18 +288,13 @@ def save_hf_checkpoint(model: Phi3ForCausalLM, path: str | Path, tokenizer=None,
     return path
 
 
-def _is_quant_tensor(name: str) -> bool:
-    return name.endswith((".qweight", ".scales", ".mins"))
-
-
-def _shard(sd: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards, current, size = [], {}, 0
-    for name, t in sd.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_bytes:
+def _shard(entries: list[Entry], max_bytes: int) -> list[list[Entry]]:
+    shards, current, size = [], [], 0
+    for e in entries:
+        if current and size + e.nbytes > max_bytes:
             shards.append(current)
-            current, size = {}, 0
-        current[name] = t
-        size += nbytes
+            current, size = [], 0
+        current.append(e)
+        size += e.nbytes
     shards.append(current)
     return shards

@@ -29,6 +29,7 @@ GROUP_SIZES = (32, 64, 128, 256)
 
 
 COMPUTE_DTYPE = torch.bfloat16
+Layout = tuple[tuple[int, ...], torch.dtype]  # a stored tensor's shape and dtype (`stored_layout()`)
 
 
 class Int8Linear(nn.Module):
@@ -47,7 +48,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = qweight.shape
         self.group_size = None if scales.dim() == 1 else self.in_features // scales.shape[1]
-        # saved through `stored()`, not state_dict (see `quantized_state_dict`)
+        # saved through `stored()`, not state_dict (see `checkpoint.export_entries`)
         self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)  # kept as is [out]
         self._lib = cpu_kernels.library()
         self._block = cpu_kernels.int8_block(self.in_features, self.group_size)
@@ -63,7 +64,10 @@ class Int8Linear(nn.Module):
         self._scales = scales  # fp32 [out] or fp16 [out, in/group]
         self._qweight = qweight  # int8 [out, in]; grouped: rebuilt from the kernel layout when needed
         if self.group_size is None:
-            self.register_buffer("_qweight_buf", qweight, persistent=False)
+            # PyTorch's kernel reads the weight with aligned vector loads: one memory-mapped from a file
+            # at an 8-byte offset (safetensors aligns no further) crashes it (measured: a segfault)
+            self._qweight = qweight if qweight.data_ptr() % 64 == 0 else qweight.clone()
+            self.register_buffer("_qweight_buf", self._qweight, persistent=False)
             self._scales_compute = scales.to(self.compute_dtype)
         else:
             def halves(lo, hi):
@@ -106,7 +110,16 @@ class Int8Linear(nn.Module):
         return cls(*quantize_int8_rows_fast(weight), bias)
 
     def stored(self) -> dict[str, torch.Tensor]:
+        if self._lib is not None:  # unpacked once for both
+            q, grouped_scales = self._native_unpacked()
+            return _with_bias({"qweight": q, "scales": self._scales if grouped_scales is None else grouped_scales},
+                              self.bias)
         return _with_bias({"qweight": self.qweight, "scales": self.scales}, self.bias)
+
+    def stored_layout(self) -> dict[str, Layout]:
+        n, k = self.out_features, self.in_features
+        scales = ((n,), torch.float32) if self.group_size is None else ((n, k // self.group_size), torch.float16)
+        return _with_bias_layout({"qweight": ((n, k), torch.int8), "scales": scales}, self.bias)
 
     @classmethod
     def from_stored(cls, t: dict[str, torch.Tensor], group_size: int | None = None, dtype=None) -> "Int8Linear":
@@ -194,6 +207,10 @@ def _native_from_packed(cls: type[nn.Module], packed: torch.Tensor, bias: torch.
 
 def _with_bias(stored: dict[str, torch.Tensor], bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
     return stored if bias is None else {**stored, "bias": bias}
+
+
+def _with_bias_layout(layout: dict[str, Layout], bias: torch.Tensor | None) -> dict[str, Layout]:
+    return layout if bias is None else {**layout, "bias": (tuple(bias.shape), bias.dtype)}
 
 
 def _bias(t: dict[str, torch.Tensor], dtype) -> torch.Tensor | None:
@@ -356,7 +373,7 @@ class Int4Linear(nn.Module):
         self._qweight = None if block and self.out_features % block == 0 else qweight
         # the kernel computes w = (q − 8)·scale + zero
         s = scales.float()
-        sz = torch.stack((s, mins.float() + 8.0 * s), dim=-1)  # [out, groups, 2]
+        sz = torch.stack((s, self._mins.float() + 8.0 * s), dim=-1)  # [out, groups, 2]
         sz = sz.transpose(0, 1).contiguous()  # [groups, out, 2]
         self.register_buffer("scales_and_zeros", sz.to(self.compute_dtype), persistent=False)
 
@@ -407,6 +424,11 @@ class Int4Linear(nn.Module):
             return _with_bias(dict(zip(self.STORED, self._native_unpacked())), self.bias)
         return _with_bias({"qweight": self.qweight, "scales": self.scales, "mins": self.mins}, self.bias)
 
+    def stored_layout(self) -> dict[str, Layout]:
+        n, k, groups = self.out_features, self.in_features, self.in_features // self.group_size
+        return _with_bias_layout({"qweight": ((n, k // 2), torch.uint8), "scales": ((n, groups), torch.float16),
+                                  "mins": ((n, groups), torch.float16)}, self.bias)
+
     def dequantize(self) -> torch.Tensor:
         if self._lib is not None:  # in C from the kernel layout: the same floats (q·s is exact in fp32)
             return cpu_kernels.int4_rows(self._lib, self.packed, torch.arange(self.out_features), self.in_features,
@@ -448,6 +470,10 @@ def _by_rows(pack_rows, n: int, step: int = 1024) -> torch.Tensor:
 class _QuantizedEmbedding(nn.Module):
     """A table whose rows are dequantized as they are looked up; subclasses give `_rows(ids)` -> fp32
     [len(ids), hidden] and set `num_embeddings`, `embedding_dim` and the returned `dtype`."""
+
+    def stored_layout(self) -> dict[str, Layout]:
+        """What `stored()` gives, shapes and dtypes (the tables hold their stored tensors as they are)."""
+        return {k: (tuple(v.shape), v.dtype) for k, v in self.stored().items()}
 
     def dequantize(self) -> torch.Tensor:
         return self._rows(torch.arange(self.num_embeddings))
@@ -546,6 +572,9 @@ class TiedEmbedding(_QuantizedEmbedding):
     def stored(self) -> dict[str, torch.Tensor]:
         # copies: a file holds the table and the head apart (safetensors refuses shared storage)
         return {k: v.clone() for k, v in self.head.stored().items() if k != "bias"}
+
+    def stored_layout(self) -> dict[str, Layout]:
+        return {k: v for k, v in self.head.stored_layout().items() if k != "bias"}
 
     def _rows(self, ids: torch.Tensor) -> torch.Tensor:
         """fp32 [len(ids), hidden]"""

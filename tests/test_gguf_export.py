@@ -643,7 +643,7 @@ def test_a_failed_write_is_a_clear_error_and_keeps_the_old_file(default_gguf, tm
     assert "out.gguf" in err and "No space left on device" in err and "Traceback" not in err
     assert out.read_bytes() == b"the previous file" and sorted(p.name for p in tmp_path.iterdir()) == ["out.gguf"]
 
-    monkeypatch.setattr(phi3.checkpoint, "save_file", disk_full)
+    monkeypatch.setattr(phi3.safetensors_writer, "_check", disk_full)  # as a tensor's bytes are written
     assert main(["quantize", str(default_gguf), str(tmp_path / "q"), "--bits", "8"]) == 2
     err = capsys.readouterr().err
     assert "model.safetensors" in err and "No space left on device" in err and "Traceback" not in err

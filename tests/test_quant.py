@@ -3,6 +3,7 @@
 import inspect
 import json
 import math
+import weakref
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from phi3.config import ModelConfig
 from phi3.errors import CheckpointError, ConfigError
 from phi3 import cpu_kernels
 from phi3.quant import (QUANTIZED, Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, TiedEmbedding, quantize_int4,
-                        quantize_int4_nibbles, quantize_model)
+                        quantize_int4_nibbles, quantize_int8_groups, quantize_model)
 
 from .conftest import scaled_down
 
@@ -63,6 +64,50 @@ def test_int8_error_is_within_half_a_step():
     assert ((layer.dequantize() - w).abs() <= 0.5 * layer.scales[:, None] + 1e-7).all()
 
 
+@pytest.mark.parametrize("offset", [8, 24])
+def test_int8_weight_mapped_at_an_8_byte_offset_runs_on_the_torch_kernel(offset, monkeypatch):
+    """A per-channel int8 weight as safetensors maps it (8-byte aligned, no more) on PyTorch's kernel
+    (in 48 is not a multiple of the native block): `_weight_int8pack_mm` segfaulted on it."""
+    q = torch.randint(-127, 128, (64, 48), dtype=torch.int8)
+    base = torch.empty(64 * 48 + 128, dtype=torch.int8)
+    start = (-base.data_ptr()) % 64 + offset
+    mapped = base[start:start + q.numel()].view(64, 48)
+    mapped.copy_(q)
+    assert mapped.data_ptr() % 64 == offset
+    layer = Int8Linear(mapped, torch.rand(64) / 64)
+    assert layer._lib is None
+    x = torch.randn(3, 48)
+    expected = x @ layer.dequantize().T
+    assert (layer(x) - expected).abs().max() < 0.02 * expected.abs().max()
+
+
+def _every_quantized_kind(bits: int):
+    w, b = torch.randn(64, 96), torch.randn(64)
+    if bits == 8:
+        return [Int8Linear.quantize(w), Int8Linear.quantize(w, b), Int8Embedding.quantize(w),
+                Int8Linear(*quantize_int8_groups(w, 32)), Int8Embedding(*quantize_int8_groups(w, 32))]
+    q4 = [Int4Linear.quantize(w, g, b) for g in (32, 96)] + [Int4Embedding.quantize(w, 32)]
+    q, scales, _ = quantize_int4_nibbles(w, 32)
+    return q4 + [Int4Linear(q, scales, None, 32)]  # GGUF Q4_0: mins implied
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_stored_layout_is_what_stored_gives(bits, native, monkeypatch):
+    """`stored_layout()` (what checkpoints are planned from before any tensor is unpacked) names the
+    very shapes and dtypes `stored()` gives, on the native and on PyTorch's kernels."""
+    if native and cpu_kernels.library() is None:
+        pytest.skip("no C compiler")
+    if not native:
+        monkeypatch.setattr(cpu_kernels, "library", lambda: None)
+    modules = _every_quantized_kind(bits)
+    if native:
+        modules.append(TiedEmbedding(modules[0]))
+    for m in modules:
+        got = {k: (tuple(v.shape), v.dtype) for k, v in m.stored().items()}
+        assert m.stored_layout() == got, type(m).__name__
+
+
 @pytest.fixture
 def tiny():
     hf = scaled_down("phi-4-mini-instruct", head_dim=32)  # tied embeddings, partial rotary, GQA
@@ -104,6 +149,28 @@ def test_quantized_checkpoint_round_trip(tmp_path, tiny, bits, head, embedding):
     assert type(loaded.model.embed_tokens) is table_kind and type(model.model.embed_tokens) is table_kind
     with torch.no_grad():
         assert torch.equal(loaded(ids), before)
+
+
+def test_saving_a_quantized_model_unpacks_one_module_at_a_time(tmp_path, tiny, monkeypatch):
+    """The file layout of each module (unpacked from the kernel layout) is written and freed before
+    the next module's is made: saving holds the model plus one module, not the model twice."""
+    model = quantize_model(tiny(), bits=4, group_size=32, head_bits=8, embedding_bits=None)
+    produced, calls = [], []
+    for m in model.modules():
+        if isinstance(m, QUANTIZED):
+            def stored(m=m, real=m.stored):
+                assert all(r() is None for r in produced), "an earlier module's tensors are still held"
+                out = real()
+                produced.append(weakref.ref(out["qweight"]))  # unpacked from the kernel layout
+                calls.append(m)
+                return out
+            monkeypatch.setattr(m, "stored", stored)
+    save_hf_checkpoint(model, tmp_path)
+    tied = isinstance(model.model.embed_tokens, TiedEmbedding)  # its table is the head's, unpacked again
+    assert tied and len(calls) == sum(isinstance(m, QUANTIZED) for m in model.modules()) + 1  # each once
+    with torch.no_grad():
+        ids = torch.randint(0, 160, (1, 12))
+        assert torch.equal(load_hf_checkpoint(tmp_path)(ids), model(ids))
 
 
 def test_quantized_model_is_close_to_full_precision(tiny):
