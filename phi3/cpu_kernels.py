@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -161,6 +162,8 @@ def load_build(isa: str) -> ctypes.CDLL | None:
     lib.phi3_pack_ggml_q4_k.restype = None
     lib.phi3_requant_ggml.argtypes = [p, i, i, i, i, p, i]
     lib.phi3_requant_ggml.restype = None
+    lib.phi3_dequant_ggml.argtypes = [p, i, ctypes.c_long, p, i]
+    lib.phi3_dequant_ggml.restype = None
     lib.phi3_pack_ggml_q8_0.argtypes = [p, i, i, p, i]
     lib.phi3_pack_ggml_q8_0.restype = None
     lib.phi3_unpack_int4.argtypes = [p, i, i, i, i, p, p, p, i]
@@ -433,6 +436,21 @@ def requant_ggml(lib, blocks: torch.Tensor, qtype: str, bits: int) -> torch.Tens
     return out
 
 
+# `phi3_dequant_ggml`'s types, in its order (REQUANT_TYPES first): weights per block
+DEQUANT_TYPES = {"Q6_K": 256, "Q5_K": 256, "Q3_K": 256, "Q2_K": 256, "IQ4_XS": 256, "IQ4_NL": 32,
+                 "Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q4_K": 256}
+
+
+def dequant_ggml(lib, blocks: torch.Tensor, qtype: str) -> torch.Tensor:
+    """GGUF blocks of `qtype` (one of DEQUANT_TYPES) uint8 [n_blocks, bytes] -> float32 [n_blocks,
+    block size]: the floats of phi3.gguf's tensor-op kernels, several times faster."""
+    blocks = blocks.contiguous()
+    out = torch.empty(blocks.shape[0], DEQUANT_TYPES[qtype])
+    lib.phi3_dequant_ggml(blocks.data_ptr(), list(DEQUANT_TYPES).index(qtype), blocks.shape[0], out.data_ptr(),
+                          torch.get_num_threads())
+    return out
+
+
 def pack_ggml_q8_0(lib, blocks: torch.Tensor) -> torch.Tensor:
     """GGUF Q8_0 blocks uint8 [n, k/32, 34] (n a multiple of 8) -> the grouped layout of `pack_int8`
     (block 32), in one pass."""
@@ -444,21 +462,34 @@ def pack_ggml_q8_0(lib, blocks: torch.Tensor) -> torch.Tensor:
 
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # what the C quantizers read
+DTYPE_GGML = 16  # + the index in DEQUANT_TYPES: rows of GGUF blocks, as the C file's DTYPE_GGML
 
 
-def _dense_rows(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+@dataclass(frozen=True)
+class GGMLRows:
+    """A weight [n, k] held as GGUF blocks (`blocks` uint8 [n, k / block · bytes], `qtype` one of
+    DEQUANT_TYPES): the C quantizers take it as they take a dense weight, dequantizing a row at a
+    time, so a requantized GGUF tensor is never held in float."""
+    blocks: torch.Tensor
+    qtype: str
+    shape: tuple[int, int]
+
+
+def _dense_rows(weight: torch.Tensor | GGMLRows) -> tuple[torch.Tensor, int, int, int]:
+    """(contiguous data, its DTYPE_CODES / DTYPE_GGML code, n, k) for the C quantizers."""
+    if isinstance(weight, GGMLRows):
+        return weight.blocks.contiguous(), DTYPE_GGML + list(DEQUANT_TYPES).index(weight.qtype), *weight.shape
     w = weight.detach()
     if w.dtype not in DTYPE_CODES:
         w = w.float()
-    return w.contiguous(), DTYPE_CODES[w.dtype]
+    return w.contiguous(), DTYPE_CODES[w.dtype], *w.shape
 
 
 def quantize_int4(lib, weight: torch.Tensor, group_size: int, refine: int = 0):
     """`phi3.quant.quantize_int4` in C, one pass over the rows, without fp32 copies of the weight:
     weight [n, k] (fp32, bf16 or fp16; k a multiple of `group_size`, itself of 8) -> qweight uint8
     [n, k/2] (low nibble = even column), scales, mins fp16 [n, k/group]."""
-    w, code = _dense_rows(weight)
-    n, k = w.shape
+    w, code, n, k = _dense_rows(weight)
     qweight = torch.empty(n, k // 2, dtype=torch.uint8)
     scales = torch.empty(n, k // group_size, dtype=torch.float16)
     mins = torch.empty_like(scales)
@@ -473,8 +504,7 @@ GGML_QUANTIZERS = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}  # `phi3_quantize_ggml`'s
 def quantize_ggml(lib, weight: torch.Tensor, qtype: str) -> torch.Tensor:
     """ggml's reference Q8_0 / Q4_0 / Q4_1 quantizer in C (the same bytes as gguf-py's and llama.cpp's):
     weight [n, k] (k a multiple of 32) -> uint8 [n, k/32 · block bytes] blocks."""
-    w, code = _dense_rows(weight)
-    n, k = w.shape
+    w, code, n, k = _dense_rows(weight)
     out = torch.empty(n, k // 32 * GGML_QUANTIZERS[qtype], dtype=torch.uint8)
     lib.phi3_quantize_ggml(w.data_ptr(), code, n, k, list(GGML_QUANTIZERS).index(qtype), out.data_ptr(),
                            torch.get_num_threads())
@@ -483,8 +513,7 @@ def quantize_ggml(lib, weight: torch.Tensor, qtype: str) -> torch.Tensor:
 
 def quantize_int8_rows(lib, weight: torch.Tensor):
     """`phi3.quant.quantize_int8_rows` in C (the same bytes): weight [n, k] -> q int8 [n, k], scales fp32 [n]."""
-    w, code = _dense_rows(weight)
-    n, k = w.shape
+    w, code, n, k = _dense_rows(weight)
     q = torch.empty(n, k, dtype=torch.int8)
     scales = torch.empty(n)
     lib.phi3_quantize_int8_rows(w.data_ptr(), code, n, k, q.data_ptr(), scales.data_ptr(), torch.get_num_threads())

@@ -321,7 +321,7 @@ def dequantize(t: GGUFTensor, dtype: torch.dtype = torch.float32) -> torch.Tenso
         raise CheckpointError(
             f"tensor {t.name!r}: row length {t.shape[-1]} is not a multiple of the {t.qtype} block size {block_size}"
         )
-    data = _as_bytes(t.raw)
+    data = raw_bytes(t.raw)
     if data.numel() != n // block_size * type_size:
         raise CheckpointError(
             f"tensor {t.name!r}: {t.qtype} data has {data.numel()} bytes, shape {t.shape} needs "
@@ -339,6 +339,14 @@ def dequantize(t: GGUFTensor, dtype: torch.dtype = torch.float32) -> torch.Tenso
     return out.reshape(t.shape)
 
 
+def _block_kernel(qtype: str):
+    """The C kernel where it runs (the same floats, several times faster), else the tensor-op one."""
+    lib = cpu_kernels.library()
+    if lib is not None and qtype in cpu_kernels.DEQUANT_TYPES:
+        return lambda blocks: cpu_kernels.dequant_ggml(lib, blocks, qtype)
+    return _BLOCK_KERNELS[qtype]
+
+
 _CHUNK_WEIGHTS = 1 << 22  # float32 scratch per chunk when the target dtype is not float32 (16 MiB)
 
 
@@ -349,7 +357,7 @@ def _dequantize_blocks(qtype: str, blocks: torch.Tensor, dtype: torch.dtype) -> 
     other dtypes, and for gguf-py's kernels (whose numpy temporaries are several times the output), we
     convert chunk by chunk so a large tensor never needs a full float32 copy or scratch of its size.
     """
-    kernel = _BLOCK_KERNELS[qtype]
+    kernel = _block_kernel(qtype)
     if dtype == torch.float32 and qtype not in GGUF_PY_TYPES:
         return kernel(blocks)
     block_size = BLOCK_LAYOUT[qtype][0]
@@ -360,7 +368,7 @@ def _dequantize_blocks(qtype: str, blocks: torch.Tensor, dtype: torch.dtype) -> 
     return out
 
 
-def _as_bytes(raw: np.ndarray) -> torch.Tensor:
+def raw_bytes(raw: np.ndarray) -> torch.Tensor:
     """Flat uint8 torch view of the raw data, sharing memory with the (read-only) memory map."""
     flat = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
     with warnings.catch_warnings():  # the map is read-only; we only ever read from this view
@@ -781,7 +789,7 @@ def _block_fields(t: GGUFTensor) -> tuple[torch.Tensor, int, int]:
     """Raw blocks of a 2-D tensor: ([rows, n_blocks, type_size] uint8, rows, cols)."""
     rows, cols = t.shape
     block, size = BLOCK_LAYOUT[t.qtype]
-    return _as_bytes(t.raw).view(rows, cols // block, size), rows, cols
+    return raw_bytes(t.raw).view(rows, cols // block, size), rows, cols
 
 
 def native_int4(t: GGUFTensor) -> dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ from . import cpu_kernels
 from .atomic import atomic_write
 from .config import ModelConfig, longrope_attention_factor
 from .errors import Phi3Error
-from .gguf import GGUFFile, GGUFTensor, dequantize
+from .gguf import GGUFFile, GGUFTensor, dequantize, raw_bytes
 from .memory import drop_file_pages
 from .quant import QUANTIZED, dense_weight, unpack_nibbles
 from .tokenizer import _BYTE_LEVEL_PRES, Tokenizer, _is_phi3_vocab
@@ -490,6 +490,11 @@ def _encode_original(t: GGUFTensor, qtype: GGML) -> np.ndarray:
     (exactly, in fp32) and encoded."""
     if t.qtype == qtype.name:
         return np.ascontiguousarray(np.asarray(t.raw))
+    lib = cpu_kernels.library()
+    if lib is not None and len(t.shape) == 2 and t.qtype in cpu_kernels.DEQUANT_TYPES \
+            and qtype.name in cpu_kernels.GGML_QUANTIZERS:  # in C, a row at a time: no float copy
+        rows = cpu_kernels.GGMLRows(raw_bytes(t.raw).view(t.shape[0], -1), t.qtype, tuple(t.shape))
+        return cpu_kernels.quantize_ggml(lib, rows, qtype.name).numpy()
     return encode_tensor(dequantize(t), qtype)
 
 

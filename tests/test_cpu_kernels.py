@@ -399,6 +399,25 @@ def test_c_quantizers_give_the_tensor_ops_bytes(dtype):
                                                      quantize_int8_rows(w[:, :k])))
 
 
+@needs_native
+@pytest.mark.parametrize("qtype", list(cpu_kernels.DEQUANT_TYPES))
+def test_c_quantizers_read_gguf_blocks_as_their_weights(qtype):
+    """A GGUF tensor handed to the C quantizers as blocks (`GGMLRows`, dequantized a row at a time)
+    gives the bytes its dequantized float weight gives: every quantizer, every type dequantized in C."""
+    from phi3.gguf import GGUFTensor, dequantize
+    from tests.test_gguf import _raw_for
+    shape = (24, 512)
+    raw = _raw_for(qtype, shape)
+    w = dequantize(GGUFTensor("t", qtype, shape, raw))
+    rows = cpu_kernels.GGMLRows(torch.from_numpy(raw.copy()).view(shape[0], -1), qtype, shape)
+    for out in cpu_kernels.GGML_QUANTIZERS:
+        assert torch.equal(cpu_kernels.quantize_ggml(lib, rows, out), cpu_kernels.quantize_ggml(lib, w, out)), out
+    for a, b in zip(cpu_kernels.quantize_int4(lib, rows, 64, 2), cpu_kernels.quantize_int4(lib, w, 64, 2)):
+        assert torch.equal(a, b)
+    for a, b in zip(cpu_kernels.quantize_int8_rows(lib, rows), cpu_kernels.quantize_int8_rows(lib, w)):
+        assert torch.equal(a, b)
+
+
 def _dequantize_nibbles(qweight, scales, mins, group):
     from phi3.quant import unpack_nibbles
     n = qweight.shape[0]

@@ -21,6 +21,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 import phi3.gguf as pg
+from phi3 import cpu_kernels
 from phi3.errors import CheckpointError
 from phi3.gguf import GGUFTensor, dequantize, gguf_state_dict, gguf_to_hf_config, parse_gguf, read_gguf
 
@@ -86,8 +87,14 @@ def test_block_layouts_are_ggml_s_and_requantized_bits_follow_bits_per_weight():
     assert not set(pg.REQUANT_INT4) & {*pg.EXACT_TYPES, *pg.DENSE_TYPES}
 
 
+@pytest.mark.parametrize("kernels", ["native", "torch"])
 @pytest.mark.parametrize("qtype,shape", DEQUANT_CASES, ids=[f"{q}-{'x'.join(map(str, s))}" for q, s in DEQUANT_CASES])
-def test_dequantize_matches_gguf_reference_bit_exact(qtype, shape):
+def test_dequantize_matches_gguf_reference_bit_exact(qtype, shape, kernels, monkeypatch):
+    """The C kernels (`cpu_kernels.dequant_ggml`) and the tensor-op ones, where no compiler is."""
+    if kernels == "torch":
+        monkeypatch.setattr(cpu_kernels, "library", lambda: None)
+    elif cpu_kernels.library() is None:
+        pytest.skip("no C compiler")
     raw = _raw_for(qtype, shape)
     ref = gguf.quants.dequantize(raw, QT[qtype]).astype(np.float32)
     ours = dequantize(GGUFTensor("blk.0.test.weight", qtype, shape, raw))

@@ -484,8 +484,11 @@ void phi3_pack_ggml_q4_k(const uint8_t *blocks, int N, int nsb, uint8_t *out, in
  * the same order: products and differences are kept apart, never fused, hence fp-contract=off), then
  * quantized group by group (32 weights) into a kernel layout: grouped int8 for types above 4.5 bits
  * a weight, int4 with mins for the others. */
-enum { REQ_Q6_K, REQ_Q5_K, REQ_Q3_K, REQ_Q2_K, REQ_IQ4_XS, REQ_IQ4_NL };
-static const int REQ_BLOCK[] = {256, 256, 256, 256, 256, 32}, REQ_BYTES[] = {210, 176, 110, 84, 136, 18};
+enum { REQ_Q6_K, REQ_Q5_K, REQ_Q3_K, REQ_Q2_K, REQ_IQ4_XS, REQ_IQ4_NL,
+       /* dequantized only (phi3_dequant_ggml): phi3.cpu_kernels DEQUANT_TYPES */
+       REQ_Q8_0, REQ_Q4_0, REQ_Q4_1, REQ_Q5_0, REQ_Q5_1, REQ_Q4_K };
+static const int REQ_BLOCK[] = {256, 256, 256, 256, 256, 32, 32, 32, 32, 32, 32, 256},
+                 REQ_BYTES[] = {210, 176, 110, 84, 136, 18, 34, 18, 20, 22, 24, 144};
 static const float IQ4_VALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 static inline float f16_at(const uint8_t *p) {
@@ -596,6 +599,45 @@ static void dequant_block(int type, const uint8_t *blk, float *w) {
         for (int l = 0; l < 32; l++) w[l] = IQ4_VALUES[l < 16 ? blk[2 + l] & 15 : blk[2 + l - 16] >> 4] * d;
         break;
     }
+    case REQ_Q8_0: {  /* d, int8 q[32] */
+        const float d = f16_at(blk);
+        for (int l = 0; l < 32; l++) w[l] = (float)(int8_t)blk[2 + l] * d;
+        break;
+    }
+    case REQ_Q4_0: case REQ_Q4_1: {  /* d, (Q4_1: m), qs[16]: weight l < 16 the low nibble of qs[l], else
+                                        the high nibble of qs[l - 16]; Q4_0: (q − 8)·d, Q4_1: q·d + m */
+        const int q41 = type == REQ_Q4_1;
+        const float d = f16_at(blk), m = q41 ? f16_at(blk + 2) : 0.0f;
+        const uint8_t *qs = blk + (q41 ? 4 : 2);
+        for (int l = 0; l < 32; l++) {
+            const int q = l < 16 ? qs[l] & 15 : qs[l - 16] >> 4;
+            w[l] = q41 ? (float)q * d + m : (float)(q - 8) * d;
+        }
+        break;
+    }
+    case REQ_Q5_0: case REQ_Q5_1: {  /* d, (Q5_1: m), qh (u32: bit l the 5th bit of weight l), qs[16] as Q4_0 */
+        const int q51 = type == REQ_Q5_1;
+        const float d = f16_at(blk), m = q51 ? f16_at(blk + 2) : 0.0f;
+        uint32_t qh;
+        memcpy(&qh, blk + (q51 ? 4 : 2), 4);
+        const uint8_t *qs = blk + (q51 ? 8 : 6);
+        for (int l = 0; l < 32; l++) {
+            const int q = (l < 16 ? qs[l] & 15 : qs[l - 16] >> 4) | (int)((qh >> l) & 1) << 4;
+            w[l] = q51 ? (float)q * d + m : (float)(q - 16) * d;
+        }
+        break;
+    }
+    case REQ_Q4_K: {  /* d, dmin, scales[12], qs[128]: sub-blocks 2i, 2i+1 the low / high nibbles of qs[32i ..] */
+        const float d = f16_at(blk), dmin = f16_at(blk + 2);
+        for (int j = 0; j < 8; j++) {
+            int sc, m;
+            k_scale_min(blk + 4, j, &sc, &m);
+            const float scale = d * (float)sc, offset = dmin * (float)m;
+            const uint8_t *qs = blk + 16 + 32 * (j / 2);
+            for (int l = 0; l < 32; l++) w[32 * j + l] = (float)((j & 1) ? qs[l] >> 4 : qs[l] & 15) * scale - offset;
+        }
+        break;
+    }
     }
 }
 
@@ -704,8 +746,22 @@ static void int4_group(const float *x, int i, uint8_t *o) {
         for (int b = 0; b < 4; b++) o[32 + 32 * c + 4 * i + b] = (uint8_t)(q[8 * c + b] | q[8 * c + 4 + b] << 4);
 }
 
-/* K weights of `dtype` (0 fp32, 1 bf16, 2 fp16) -> fp32 */
+/* Source rows of the quantizers below: dtype 0 fp32, 1 bf16, 2 fp16, or DTYPE_GGML + t: GGUF blocks of
+ * type t of phi3_dequant_ggml, dequantized a row at a time (requantizing without a float copy) */
+#define DTYPE_GGML 16
+
+static size_t row_bytes(int dtype, int K) {
+    if (dtype >= DTYPE_GGML) return (size_t)K / REQ_BLOCK[dtype - DTYPE_GGML] * REQ_BYTES[dtype - DTYPE_GGML];
+    return (size_t)K * (dtype == 0 ? 4 : 2);
+}
+
+/* K weights of `dtype` -> fp32 */
 static void row_to_float(const void *w, int dtype, int K, float *out) {
+    if (dtype >= DTYPE_GGML) {
+        const int t = dtype - DTYPE_GGML, bsize = REQ_BLOCK[t], bbytes = REQ_BYTES[t];
+        for (int b = 0; b < K / bsize; b++) dequant_block(t, (const uint8_t *)w + (size_t)b * bbytes, out + (size_t)b * bsize);
+        return;
+    }
     if (dtype == 0) { memcpy(out, w, (size_t)K * 4); return; }
     const uint16_t *h = w;
     int k = 0;
@@ -726,14 +782,13 @@ static void row_to_float(const void *w, int dtype, int K, float *out) {
 void phi3_quantize_int4(const void *w, int dtype, int N, int K, int G, int refine, uint8_t *qw, uint16_t *scales,
                         uint16_t *mins, int nthreads) {
     const int ng = K / G;
-    const size_t esize = dtype == 0 ? 4 : 2;
     #pragma omp parallel num_threads(nthreads)
     {
         float *x = malloc((size_t)K * sizeof(float));
         int32_t *q = malloc((size_t)G * sizeof(int32_t));
         #pragma omp for schedule(static)
         for (int n = 0; n < N; n++) {
-            row_to_float((const uint8_t *)w + (size_t)n * K * esize, dtype, K, x);
+            row_to_float((const uint8_t *)w + (size_t)n * row_bytes(dtype, K), dtype, K, x);
             for (int g = 0; g < ng; g++) {
                 fit_int4(x + (size_t)g * G, G, refine, scales + (size_t)n * ng + g, mins + (size_t)n * ng + g, q);
                 uint8_t *o = qw + (size_t)n * K / 2 + (size_t)g * G / 2;
@@ -754,13 +809,13 @@ void phi3_quantize_int4(const void *w, int dtype, int N, int K, int G, int refin
 __attribute__((optimize("fp-contract=off")))
 void phi3_quantize_ggml(const void *w, int dtype, int N, int K, int type, uint8_t *out, int nthreads) {
     const int nb = K / 32;
-    const size_t esize = dtype == 0 ? 4 : 2, bsize = type == 0 ? 34 : type == 1 ? 18 : 20;
+    const size_t bsize = type == 0 ? 34 : type == 1 ? 18 : 20;
     #pragma omp parallel num_threads(nthreads)
     {
         float *x = malloc((size_t)K * sizeof(float));
         #pragma omp for schedule(static)
         for (int n = 0; n < N; n++) {
-            row_to_float((const uint8_t *)w + (size_t)n * K * esize, dtype, K, x);
+            row_to_float((const uint8_t *)w + (size_t)n * row_bytes(dtype, K), dtype, K, x);
             for (int b = 0; b < nb; b++) {
                 const float *v = x + 32 * b;
                 uint8_t *o = out + ((size_t)n * nb + b) * bsize;
@@ -802,13 +857,12 @@ void phi3_quantize_ggml(const void *w, int dtype, int N, int K, int type, uint8_
 /* Dense weights w [N, K] of `dtype` -> per-channel int8 as phi3.quant.quantize_int8_rows:
  * s = max(max|w| / 127, 1e-12) fp32 [N], q = round(w / s) in −128..127 int8 [N, K] (bit for bit). */
 void phi3_quantize_int8_rows(const void *w, int dtype, int N, int K, int8_t *q, float *scales, int nthreads) {
-    const size_t esize = dtype == 0 ? 4 : 2;
     #pragma omp parallel num_threads(nthreads)
     {
         float *x = malloc((size_t)K * sizeof(float));
         #pragma omp for schedule(static)
         for (int n = 0; n < N; n++) {
-            row_to_float((const uint8_t *)w + (size_t)n * K * esize, dtype, K, x);
+            row_to_float((const uint8_t *)w + (size_t)n * row_bytes(dtype, K), dtype, K, x);
             float amax = 0.f;
             for (int k = 0; k < K; k++) { const float a = fabsf(x[k]); amax = a > amax ? a : amax; }
             float s = amax / 127.0f;
@@ -842,6 +896,14 @@ void phi3_requant_ggml(const uint8_t *blocks, int type, int N, int nb, int bits,
                 }
             }
     }
+}
+
+/* blocks [nblocks][REQ_BYTES] of `type` -> float32 [nblocks][REQ_BLOCK], the floats of phi3.gguf's
+ * torch kernels. */
+void phi3_dequant_ggml(const uint8_t *blocks, int type, long nblocks, float *out, int nthreads) {
+    const int bsize = REQ_BLOCK[type], bbytes = REQ_BYTES[type];
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (long b = 0; b < nblocks; b++) dequant_block(type, blocks + b * bbytes, out + b * bsize);
 }
 
 /* Q8_0 (bsize 34: fp16 d, 32 int8) -> the grouped int8 layout: per (rb, g) the 8 rows' fp16 d, then
