@@ -92,6 +92,26 @@ def load_gguf_model(path: Path, dtype=None, dequantize: bool = False) -> tuple[P
     return model, Tokenizer.from_gguf_metadata(f.metadata, source=str(path))
 
 
+def convert_gguf_to_hf(path: str | os.PathLike, dst: str | os.PathLike, dtype=None) -> Path:
+    """A GGUF file as an HF directory (`phi3 convert model.gguf dir/`): what `load(path,
+    dequantize=True)` then `save_hf_checkpoint` write — the same tensors, config and tokenizer — but a
+    tensor at a time, each dequantized from the file as it is written, so the model is never held
+    (a 14B file needs its largest tensor in memory, not 28 GB). The names and shapes are checked
+    first against the model the config describes, as loading does."""
+    from .checkpoint import parse_dtype, write_hf_checkpoint
+    from .gguf import gguf_entries, gguf_to_hf_config, read_gguf
+
+    f = read_gguf(path)
+    cfg = ModelConfig.from_hf_dict(gguf_to_hf_config(f), source=str(path))
+    dt = default_dtype(cfg, None if dtype is None else parse_dtype(dtype))
+    entries = gguf_entries(f, dt)
+    build_model(cfg, {e.name: torch.empty(e.shape, dtype=dt, device="meta") for e in entries}, dt, source=str(path))
+    if cfg.tie_word_embeddings:
+        entries = [e for e in entries if e.name != "lm_head.weight"]
+    tokenizer = Tokenizer.from_gguf_metadata(f.metadata, source=str(path))
+    return write_hf_checkpoint(dst, entries, cfg, dt, tokenizer, progress=True)
+
+
 def resolve(model: str | os.PathLike | None) -> Path:
     """An HF directory, a GGUF file, a Hub id (downloaded with huggingface_hub), or None for the default."""
     if model is None:

@@ -208,9 +208,9 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def _save_safetensors(entries: list[Entry], path: Path) -> None:
+def _save_safetensors(entries: list[Entry], path: Path, progress: bool = False) -> None:
     try:
-        write_safetensors(path, entries, metadata={"format": "pt"})
+        write_safetensors(path, entries, metadata={"format": "pt"}, progress=progress)
     except OSError as e:  # the disk filling up, a read-only place: the old file kept
         raise CheckpointError(f"{path}: could not write ({e})") from None
 
@@ -258,26 +258,32 @@ def save_hf_checkpoint(model: Phi3ForCausalLM, path: str | Path, tokenizer=None,
                        max_shard_bytes: int = 5 * 2**30, dtype: str | torch.dtype | None = None) -> Path:
     """Write an HF directory that transformers loads unchanged. Every file is written atomically,
     a tensor at a time (`export_entries`): no second copy of the model is made."""
+    dtype = None if dtype is None else parse_dtype(dtype)
+    return write_hf_checkpoint(path, export_entries(model, dtype), model.config,
+                               model.dtype if dtype is None else dtype, tokenizer, max_shard_bytes)
+
+
+def write_hf_checkpoint(path: str | Path, entries: list[Entry], cfg: ModelConfig, dtype: torch.dtype,
+                        tokenizer=None, max_shard_bytes: int = 5 * 2**30, progress: bool = False) -> Path:
+    """The HF directory of the tensors `entries` (HF names; each produced as it is written) for a model
+    of config `cfg` whose weights are in `dtype`: safetensors shards (and their index), config.json,
+    generation_config.json and the tokenizer files. `progress`: a bar on a terminal."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    entries = export_entries(model, None if dtype is None else parse_dtype(dtype))
-    out_dtype = model.dtype if dtype is None else parse_dtype(dtype)
     shards = _shard(entries, max_shard_bytes)
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        _save_safetensors(shard, path / name, progress)
     if len(shards) == 1:
-        _save_safetensors(shards[0], path / "model.safetensors")
         (path / INDEX_NAME).unlink(missing_ok=True)
     else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        weight_map = {}
-        for name, shard in zip(names, shards):
-            _save_safetensors(shard, path / name)
-            weight_map.update({e.name: name for e in shard})
+        weight_map = {e.name: name for name, shard in zip(names, shards) for e in shard}
         total = sum(e.nbytes for e in entries)
         atomic_write_json(path / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
         (path / "model.safetensors").unlink(missing_ok=True)
     hf = cfg.to_hf_dict()
-    hf["torch_dtype"] = str(out_dtype).removeprefix("torch.")
+    hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     atomic_write_json(path / "config.json", hf)
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
     if tokenizer is not None and tokenizer.stop_token_ids:

@@ -106,7 +106,8 @@ def _gguf_without_weights(f):
 
 
 def cmd_convert(args) -> int:
-    from .api import is_gguf_file, load, resolve
+    from .api import convert_gguf_to_hf, is_gguf_file, load, resolve
+    from .config import read_config_file
     from .gguf import read_gguf
     from .gguf_export import all_from_source
     from .checkpoint import save_hf_checkpoint
@@ -130,6 +131,12 @@ def cmd_convert(args) -> int:
         return 0
     if dst.exists() and not dst.is_dir():
         raise Phi3Error(f"{dst}: exists and is not a directory")
+    src = resolve(args.src)
+    if src.is_file() and is_gguf_file(src):  # a tensor at a time from the file, no model in memory
+        convert_gguf_to_hf(src, dst, None if args.dtype == "auto" else args.dtype)
+        cfg = read_config_file(dst / "config.json")
+        print(f"wrote HF checkpoint {dst} ({cfg.layout} layout, {cfg.num_parameters() / 1e6:.1f}M parameters)")
+        return 0
     lm = load(args.src, None if args.dtype == "auto" else args.dtype, dequantize=True)
     save_hf_checkpoint(lm.model, dst, tokenizer=lm.tokenizer,
                        dtype=None if args.dtype == "auto" else args.dtype)

@@ -31,6 +31,7 @@ import re
 import struct
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ import torch
 
 from . import cpu_kernels
 from .errors import CheckpointError
+from .safetensors_writer import Entry
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_ARCHITECTURES = ("phi3", "llama")
@@ -728,19 +730,27 @@ def hf_tensor_name(f: GGUFFile, gguf_name: str) -> str | None:
     raise CheckpointError(f"{f.path}: tensor {gguf_name!r} has no HF equivalent for a {f.architecture} model")
 
 
+def gguf_entries(f: GGUFFile, dtype: torch.dtype = torch.float32) -> list[Entry]:
+    """All weights of the file under HF names (see module docstring), each dequantized to `dtype` only
+    when asked (`Entry.get`): what `gguf_state_dict` holds, and what a conversion to an HF checkpoint
+    writes a tensor at a time."""
+    names = {g: hf_tensor_name(f, g) for g in f.tensors}  # validates every name before any work
+    heads = _llama_qk_heads(f)
+
+    def load(t: GGUFTensor, hf_name: str) -> torch.Tensor:
+        w = dequantize(t, dtype)
+        f.release_pages()  # converted: the file's pages need not stay resident
+        n = _permuted_heads(heads, hf_name)
+        return unpermute_rows(w, n) if n else w
+
+    entries = [Entry(hf, tuple(f.tensors[g].shape), dtype, partial(load, f.tensors[g], hf))
+               for g, hf in names.items() if hf is not None]
+    return _fused_phi3_qkv(f, entries) if f.architecture == "phi3" else entries
+
+
 def gguf_state_dict(f: GGUFFile, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """All weights of the file, dequantized to `dtype`, under HF names (see module docstring)."""
-    names = {g: hf_tensor_name(f, g) for g in f.tensors}  # validates every name before any work
-    sd: dict[str, torch.Tensor] = {}
-    for gguf_name, hf_name in _progress(names.items(), f):
-        if hf_name is not None:
-            sd[hf_name] = dequantize(f.tensors[gguf_name], dtype)
-            f.release_pages()
-    if f.architecture == "llama":
-        _unpermute_llama_qk(f, sd)
-    else:
-        _fuse_phi3_qkv(f, sd)
-    return sd
+    return {e.name: e.get() for e in _progress(gguf_entries(f, dtype), f)}
 
 
 PROGRESS_AFTER_S = 2.0  # a load that takes longer shows a progress bar (gguf-py's types: minutes)
@@ -1101,14 +1111,19 @@ def _unpermute_llama_qk(f: GGUFFile, sd: dict[str, torch.Tensor]) -> None:
             sd[name] = unpermute_rows(t, n)
 
 
-def _fuse_phi3_qkv(f: GGUFFile, sd: dict[str, torch.Tensor]) -> None:
+def _fused_phi3_qkv(f: GGUFFile, entries: list[Entry]) -> list[Entry]:
     """Separate q/k/v (when a phi3 GGUF has them) -> qkv_proj with [Q | K | V] rows."""
-    stems = sorted({n[: -len("q_proj.weight")] for n in sd if re.search(r"self_attn\.[qkv]_proj\.weight$", n)})
+    by_name = {e.name: e for e in entries}
+    stems = sorted({n[: -len("q_proj.weight")] for n in by_name if re.search(r"self_attn\.[qkv]_proj\.weight$", n)})
     for stem in stems:
         parts = [f"{stem}{p}_proj.weight" for p in "qkv"]
-        missing = [p for p in parts if p not in sd]
+        missing = [p for p in parts if p not in by_name]
         if missing:
             raise CheckpointError(f"{f.path}: cannot build {stem}qkv_proj.weight, missing {', '.join(missing)}")
-        if f"{stem}qkv_proj.weight" in sd:
+        if f"{stem}qkv_proj.weight" in by_name:
             raise CheckpointError(f"{f.path}: {stem}qkv_proj.weight is given both fused and as separate q/k/v")
-        sd[f"{stem}qkv_proj.weight"] = torch.cat([sd.pop(p) for p in parts], dim=0)
+        q, k, v = (by_name.pop(p) for p in parts)
+        rows = q.shape[0] + k.shape[0] + v.shape[0]
+        name = f"{stem}qkv_proj.weight"
+        by_name[name] = Entry(name, (rows, *q.shape[1:]), q.dtype, lambda q=q, k=k, v=v: torch.cat([q.get(), k.get(), v.get()]))
+    return list(by_name.values())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -76,8 +77,10 @@ def _check(e: Entry, t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().reshape(-1)
 
 
-def write_safetensors(path: str | Path, entries: Iterable[Entry], metadata: dict[str, str] | None = None) -> None:
-    """Write `entries` to `path` atomically (tmp + rename), holding one tensor at a time."""
+def write_safetensors(path: str | Path, entries: Iterable[Entry], metadata: dict[str, str] | None = None,
+                      progress: bool = False) -> None:
+    """Write `entries` to `path` atomically (tmp + rename), holding one tensor at a time. `progress`:
+    a bar on stderr when it is a terminal."""
     entries = in_file_order(entries)
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
@@ -86,10 +89,15 @@ def write_safetensors(path: str | Path, entries: Iterable[Entry], metadata: dict
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(header_bytes(entries, metadata))
-            for e in entries:
+            for e in _bar(entries, Path(path).name) if progress else entries:
                 t = _check(e, e.get())
                 if t.numel():
                     f.write(memoryview(t.view(torch.uint8).numpy()))
                 del t
 
     atomic_write(path, write)
+
+
+def _bar(entries: list[Entry], name: str):
+    from tqdm import tqdm
+    return tqdm(entries, desc=f"writing {name}", unit="tensor", disable=None, leave=False, file=sys.stderr)

@@ -96,3 +96,60 @@ def test_bad_model_arguments(tmp_path):
         load(junk)
     with pytest.raises(Phi3Error, match="could not get 'nobody/no-such-model' from the Hugging Face Hub"):
         load("nobody/no-such-model")
+
+
+def _longrope_phi3_gguf(path):
+    """A scaled-down LongRoPE phi-3 with the Phi-3 vocabulary, as Q8_0 GGUF (norms and factors in F32)."""
+    from phi3.gguf_export import write_gguf
+    from .conftest import random_phi3
+    hf = scaled_down("phi-3-mini-128k-instruct", vocab=32064, head_dim=32, original=64)
+    model = random_phi3(hf, 0.2)
+    return write_gguf(model, Tokenizer.from_gguf(SHARED / "tokenizer" / "ggml-vocab-phi-3.gguf"), path, "q8_0")
+
+
+@pytest.mark.parametrize("source", ["default", "longrope-q8_0"])
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_gguf_to_hf_writes_what_load_then_save_writes_a_tensor_at_a_time(source, dtype, default_gguf, tmp_path,
+                                                                          monkeypatch):
+    """`phi3 convert model.gguf dir/` streams each tensor from the file to the safetensors file: the
+    same directory as loading the dequantized model and saving it (every tensor, dtype, config and
+    tokenizer file), while no dequantized tensor outlives its write."""
+    import json
+    import weakref
+
+    from safetensors.torch import load_file
+
+    import phi3.gguf
+    from phi3.api import convert_gguf_to_hf
+    from phi3.cli import main
+
+    src = default_gguf if source == "default" else _longrope_phi3_gguf(tmp_path / "longrope.gguf")
+    lm = load(src, dtype, dequantize=True)
+    save_hf_checkpoint(lm.model, tmp_path / "saved", tokenizer=lm.tokenizer, dtype=dtype)
+    del lm
+
+    produced = []
+    real = phi3.gguf.dequantize
+
+    def dequantize(*args, **kwargs):
+        assert all(r() is None for r in produced), "an earlier tensor is still held"
+        out = real(*args, **kwargs)
+        produced.append(weakref.ref(out))
+        return out
+    monkeypatch.setattr(phi3.gguf, "dequantize", dequantize)
+    assert main(["convert", str(src), str(tmp_path / "streamed")] + (["--dtype", dtype] if dtype else [])) == 0
+    assert len(produced) > 10
+
+    saved, streamed = tmp_path / "saved", tmp_path / "streamed"
+    assert sorted(p.name for p in saved.iterdir()) == sorted(p.name for p in streamed.iterdir())
+    a, b = load_file(saved / "model.safetensors"), load_file(streamed / "model.safetensors")
+    assert set(a) == set(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((saved / name).read_text()) == json.loads((streamed / name).read_text())
+    for p in saved.iterdir():
+        if p.suffix != ".safetensors" and p.name not in ("config.json", "generation_config.json"):
+            assert p.read_bytes() == (streamed / p.name).read_bytes(), p.name
+    with pytest.raises(CheckpointError, match="missing.gguf: no such GGUF file"):
+        convert_gguf_to_hf(tmp_path / "missing.gguf", tmp_path / "x")

@@ -428,6 +428,18 @@ def test_unknown_tensor_name_is_named(tmp_path):
         gguf_state_dict(f)
 
 
+def test_converting_a_file_with_a_missing_tensor_names_it_and_writes_nothing(tmp_path):
+    """`phi3 convert x.gguf dir/` streams tensors from the file: the set of tensors and their shapes
+    are checked against the model first, as loading checks them."""
+    from phi3.api import convert_gguf_to_hf
+    _, gg = _phi3_tensors(np.random.default_rng(6))
+    del gg["blk.1.ffn_down.weight"]
+    path = _write_gguf(tmp_path / "short.gguf", "phi3", gg, _phi3_kv(0))
+    with pytest.raises(CheckpointError, match=r"short\.gguf: missing tensor model\.layers\.1\.mlp\.down_proj\.weight"):
+        convert_gguf_to_hf(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_metadata_key_is_named(tmp_path):
     def kv(w):
         w.add_block_count(1)
