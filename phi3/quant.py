@@ -641,14 +641,15 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, head_b
         linear = model.get_submodule(name)
         if b == 4 and linear.in_features % group_size:
             raise ConfigError(f"{name}: in_features {linear.in_features} is not a multiple of group_size {group_size}")
+    tied = getattr(model.config, "tie_word_embeddings", False) and head_bits is not None
+    if embedding_bits is None and tied:
+        embedding_bits = head_bits  # the tied table is the head's values (below: held once)
+    _densify_unplanned(model, {*plan, *(["model.embed_tokens"] if embedding_bits is not None else [])})
     for name, b in plan.items():
         linear = model.get_submodule(name)
         weight, bias = dense_weight(linear), linear.bias
         _set_module(model, name, Int8Linear.quantize(weight, bias) if b == 8 else Int4Linear.quantize(weight, group_size, bias))
         del weight, linear
-    tied = getattr(model.config, "tie_word_embeddings", False) and head_bits is not None
-    if embedding_bits is None and tied:
-        embedding_bits = head_bits  # the tied table is the head's values (below: held once)
     if embedding_bits is not None:
         plan["model.embed_tokens"] = embedding_bits
         embed = model.model.embed_tokens
@@ -664,6 +665,30 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, head_b
         _set_module(model, "model.embed_tokens", table)
     model.config.raw["quantization"] = quantization_config(bits, group_size, plan)
     return model
+
+
+def _densify_unplanned(model: nn.Module, planned: set[str]) -> None:
+    """Quantized modules the plan keeps in full precision (a GGUF's quantized head with
+    `head_bits=None`) become dense again, in the model's dtype; a tied model whose head and table
+    are then both dense holds the table once, as a full-precision tied model does."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, QUANTIZED) or name in planned:
+            continue
+        weight = nn.Parameter(dense_weight(m).to(dtype), requires_grad=False)
+        if isinstance(m, _QuantizedEmbedding):
+            dense = nn.Embedding(m.num_embeddings, m.embedding_dim, _weight=weight)
+        else:
+            with torch.device("meta"):
+                dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            dense.weight = weight
+            if m.bias is not None:
+                dense.bias = nn.Parameter(m.bias.to(dtype), requires_grad=False)
+        _set_module(model, name, dense)
+    head, table = getattr(model, "lm_head", None), model.model.embed_tokens
+    if getattr(model.config, "tie_word_embeddings", False) and type(head) is nn.Linear \
+            and type(table) is nn.Embedding and head.bias is None:
+        head.weight = table.weight
 
 
 def quantize_on_load(model: nn.Module, bits: int, group_size: int = 64,

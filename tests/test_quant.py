@@ -355,3 +355,25 @@ def test_a_model_that_loads_quantized_is_requantized_module_by_module(bits, defa
     lm = phi3.load(tmp_path / "q")
     assert isinstance(lm.model.model.layers[0].mlp.down_proj, Int4Linear if bits == 4 else Int8Linear)
     assert "Paris" in lm.chat("What is the capital of France?", max_new_tokens=12)
+
+
+def test_a_quantized_head_and_table_kept_in_full_precision_become_dense(default_gguf, tmp_path):
+    """`phi3 quantize model.gguf out --head-bits none --embedding-bits none`: the GGUF's quantized
+    (tied) head and table are kept in full precision as asked — dense again, one tied table — so the
+    checkpoint loads (it used to be written with their quantized tensors but without them in the
+    config: "missing tensor model.embed_tokens.weight" on load)."""
+    from phi3.cli import main
+    lm = phi3.load(default_gguf)
+    assert isinstance(lm.model.lm_head, Int8Linear) and isinstance(lm.model.model.embed_tokens, TiedEmbedding)  # Q8_0
+    table = lm.model.model.embed_tokens.dequantize()
+    quantize_model(lm.model, bits=4, group_size=32, head_bits=None, embedding_bits=None)
+    head, embed = lm.model.lm_head, lm.model.model.embed_tokens
+    assert type(head) is torch.nn.Linear and type(embed) is torch.nn.Embedding and head.weight is embed.weight
+    assert torch.equal(embed.weight, table)
+    assert main(["quantize", str(default_gguf), str(tmp_path / "q"), "--bits", "4", "--group-size", "32",
+                 "--head-bits", "none", "--embedding-bits", "none", "--dtype", "float32"]) == 0
+    back = phi3.load(tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]["modules"].get("lm_head") is None
+    ids = torch.tensor([back.encode("The capital of France is")])
+    with torch.no_grad():
+        assert torch.equal(back.model(ids), lm.model(ids))
