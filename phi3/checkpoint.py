@@ -6,7 +6,9 @@ load time and split back on export, so one model class serves both.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -17,9 +19,10 @@ from .atomic import atomic_write_bytes
 from .config import ModelConfig, read_config_file
 from .errors import CheckpointError
 from .layers import RotaryEmbedding, use_native_bf16
-from .memory import return_freed_memory
+from .memory import drop_file_pages, return_freed_memory
 from .models.phi3 import Phi3ForCausalLM
-from .quant import QUANTIZED, load_quantized_modules
+from .quant import (QUANTIZED, densify_unplanned, load_quantized_modules, quantization_config, quantization_plan,
+                    quantized_layout, quantized_stored)
 from .safetensors_writer import Entry, write_safetensors
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -215,15 +218,15 @@ def _save_safetensors(entries: list[Entry], path: Path, progress: bool = False) 
         raise CheckpointError(f"{path}: could not write ({e})") from None
 
 
-def _stored_once(module: torch.nn.Module) -> Callable[[str], torch.Tensor]:
-    """`get(key)`: the module's `stored()[key]`, computed once for all its keys (a native layout is
-    unpacked in one pass), each handed out once so that it is freed when written."""
+def _once(produce: Callable[[], dict[str, torch.Tensor]]) -> Callable[[str], torch.Tensor]:
+    """`get(key)`: `produce()[key]`, produced once for all its keys (a module's `stored()`: a native
+    layout is unpacked in one pass), each handed out once so that it is freed when written."""
     cache: dict[str, torch.Tensor] = {}
 
     def get(key: str) -> torch.Tensor:
         if key not in cache:
             cache.clear()
-            cache.update(module.stored())
+            cache.update(produce())
         return cache.pop(key)
     return get
 
@@ -245,13 +248,54 @@ def export_entries(model: Phi3ForCausalLM, dtype: torch.dtype | None = None) -> 
 
     entries = [Entry(name, tuple(t.shape), cast(t), lambda t=t: t.to(cast(t))) for name, t in sd.items()]
     for name, m in quantized:
-        get = _stored_once(m)
-        for key, (shape, dt) in m.stored_layout().items():
-            if key == "bias" and dtype is not None:
-                entries.append(Entry(f"{name}.{key}", shape, dtype, lambda get=get, key=key: get(key).to(dtype)))
-            else:
-                entries.append(Entry(f"{name}.{key}", shape, dt, lambda get=get, key=key: get(key)))
+        entries += _module_entries(name, m.stored_layout(), _once(m.stored), dtype)
     return entries
+
+
+def _module_entries(name: str, layout: dict, get: Callable[[str], torch.Tensor], dtype: torch.dtype | None) -> list[Entry]:
+    """The entries of one quantized module's stored tensors (`layout`: key -> shape, dtype); the
+    bias is cast to `dtype`, the quantized tensors are written as they are."""
+    entries = []
+    for key, (shape, dt) in layout.items():
+        if key == "bias" and dtype is not None:
+            entries.append(Entry(f"{name}.{key}", shape, dtype, lambda key=key: get(key).to(dtype)))
+        else:
+            entries.append(Entry(f"{name}.{key}", shape, dt, lambda key=key: get(key)))
+    return entries
+
+
+def quantize_to_checkpoint(model: Phi3ForCausalLM, path: str | Path, bits: int = 4, group_size: int = 64,
+                           head_bits: int | None = 8, embedding_bits: int | None = None, tokenizer=None,
+                           dtype: str | torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """`quantize_model` then `save_hf_checkpoint` (`phi3 quantize`): the same directory, but each module
+    is quantized as it is written, straight into the file layout, so the quantized model is never
+    held (nor packed for the kernels and unpacked again). The model is left as it was, except that
+    quantized modules the plan keeps in full precision become dense (`quantize_model` does the same)."""
+    plan = quantization_plan(model, bits, group_size, head_bits, embedding_bits)
+    densify_unplanned(model, set(plan))
+    cfg = model.config
+    dtype = None if dtype is None else parse_dtype(dtype)
+    planned = tuple(f"{name}." for name in plan)
+    sd = {k: v.detach() for k, v in model.state_dict().items() if not k.startswith(planned)}
+    if cfg.tie_word_embeddings and "model.embed_tokens" not in plan:
+        sd.pop("lm_head.weight", None)
+
+    def cast(t: torch.Tensor) -> torch.dtype:
+        return dtype if dtype is not None and t.is_floating_point() else t.dtype
+
+    def quantized(m: torch.nn.Module, b: int) -> dict[str, torch.Tensor]:
+        parts = quantized_stored(m, b, group_size)
+        if isinstance(getattr(m, "weight", None), torch.Tensor):
+            drop_file_pages(m.weight)  # a memory-mapped checkpoint's weight: read once, not kept resident
+        return parts
+
+    entries = [Entry(name, tuple(t.shape), cast(t), lambda t=t: t.to(cast(t))) for name, t in sd.items()]
+    for name, b in plan.items():
+        m = model.get_submodule(name)
+        entries += _module_entries(name, quantized_layout(m, b, group_size), _once(partial(quantized, m, b)), dtype)
+    quantized_cfg = dataclasses.replace(cfg, raw={**cfg.raw, "quantization": quantization_config(bits, group_size, plan)})
+    return write_hf_checkpoint(path, entries, quantized_cfg, model.dtype if dtype is None else dtype, tokenizer,
+                               max_shard_bytes)
 
 
 def save_hf_checkpoint(model: Phi3ForCausalLM, path: str | Path, tokenizer=None,

@@ -146,20 +146,18 @@ def cmd_convert(args) -> int:
 
 def cmd_quantize(args) -> int:
     from .api import load
-    from .checkpoint import save_hf_checkpoint
-    from .quant import quantize_model
+    from .checkpoint import quantize_to_checkpoint
 
     dst = Path(args.dst)
     if dst.exists() and not dst.is_dir():
         raise Phi3Error(f"{dst}: exists and is not a directory")
     # the checkpoint's dtype (bf16 stays memory-mapped), a GGUF's blocks as they load: each module is
-    # (re)quantized from its own full-precision or dequantized weight, one at a time
+    # (re)quantized from its own full-precision or dequantized weight as it is written
     lm = load(args.src)
     head_bits = None if args.head_bits == "none" else int(args.head_bits)
     embedding_bits = None if args.embedding_bits == "none" else int(args.embedding_bits)
-    quantize_model(lm.model, bits=args.bits, group_size=args.group_size, head_bits=head_bits,
-                   embedding_bits=embedding_bits)
-    save_hf_checkpoint(lm.model, dst, tokenizer=lm.tokenizer, dtype=args.dtype)
+    quantize_to_checkpoint(lm.model, dst, bits=args.bits, group_size=args.group_size, head_bits=head_bits,
+                           embedding_bits=embedding_bits, tokenizer=lm.tokenizer, dtype=args.dtype)
     size = sum(f.stat().st_size for f in dst.glob("*.safetensors"))
     print(f"wrote int{args.bits} checkpoint {dst} ({size / 1e6:.1f} MB)")
     return 0

@@ -117,9 +117,7 @@ class Int8Linear(nn.Module):
         return _with_bias({"qweight": self.qweight, "scales": self.scales}, self.bias)
 
     def stored_layout(self) -> dict[str, Layout]:
-        n, k = self.out_features, self.in_features
-        scales = ((n,), torch.float32) if self.group_size is None else ((n, k // self.group_size), torch.float16)
-        return _with_bias_layout({"qweight": ((n, k), torch.int8), "scales": scales}, self.bias)
+        return _with_bias_layout(int8_layout(self.out_features, self.in_features, self.group_size), self.bias)
 
     @classmethod
     def from_stored(cls, t: dict[str, torch.Tensor], group_size: int | None = None, dtype=None) -> "Int8Linear":
@@ -425,9 +423,7 @@ class Int4Linear(nn.Module):
         return _with_bias({"qweight": self.qweight, "scales": self.scales, "mins": self.mins}, self.bias)
 
     def stored_layout(self) -> dict[str, Layout]:
-        n, k, groups = self.out_features, self.in_features, self.in_features // self.group_size
-        return _with_bias_layout({"qweight": ((n, k // 2), torch.uint8), "scales": ((n, groups), torch.float16),
-                                  "mins": ((n, groups), torch.float16)}, self.bias)
+        return _with_bias_layout(int4_layout(self.out_features, self.in_features, self.group_size), self.bias)
 
     def dequantize(self) -> torch.Tensor:
         if self._lib is not None:  # in C from the kernel layout: the same floats (q·s is exact in fp32)
@@ -614,6 +610,29 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def quantization_plan(model: nn.Module, bits: int = 4, group_size: int = 64, head_bits: int | None = 8,
+                      embedding_bits: int | None = None) -> dict[str, int]:
+    """Bits per module name that `quantize_model` gives (see there), the arguments checked first."""
+    check_quant_args(bits, group_size)
+    if head_bits is not None:
+        check_quant_args(head_bits, group_size, "head")
+    if embedding_bits not in (None, 4, 8):
+        raise ConfigError(f"embedding bits={embedding_bits!r} is not supported (use 4, 8, or none)")
+    plan = {name: bits for name in decoder_linears(model)}
+    if head_bits is not None:
+        plan["lm_head"] = head_bits
+    for name, b in plan.items():
+        linear = model.get_submodule(name)
+        if b == 4 and linear.in_features % group_size:
+            raise ConfigError(f"{name}: in_features {linear.in_features} is not a multiple of group_size {group_size}")
+    tied = getattr(model.config, "tie_word_embeddings", False) and head_bits is not None
+    if embedding_bits is None and tied:
+        embedding_bits = head_bits  # the tied table is the head's values (held once: `TiedEmbedding`)
+    if embedding_bits is not None:
+        plan["model.embed_tokens"] = embedding_bits
+    return plan
+
+
 def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, head_bits: int | None = 8,
                    embedding_bits: int | None = None) -> nn.Module:
     """Swap every decoder linear for its `bits`-bit version, in place.
@@ -629,45 +648,68 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, head_b
     (`embedding_bits=4`, groups of `group_size`). A model whose table is tied to a quantized head
     keeps one table: by default (`embedding_bits=None`) the embedding takes the head's bits and its rows
     are read from the quantized head (`TiedEmbedding`), as llama.cpp reads its output from token_embd."""
-    check_quant_args(bits, group_size)
-    if head_bits is not None:
-        check_quant_args(head_bits, group_size, "head")
-    if embedding_bits not in (None, 4, 8):
-        raise ConfigError(f"embedding bits={embedding_bits!r} is not supported (use 4, 8, or none)")
-    plan = {name: bits for name in decoder_linears(model)}
-    if head_bits is not None:
-        plan["lm_head"] = head_bits
+    plan = quantization_plan(model, bits, group_size, head_bits, embedding_bits)
+    densify_unplanned(model, set(plan))
     for name, b in plan.items():
-        linear = model.get_submodule(name)
-        if b == 4 and linear.in_features % group_size:
-            raise ConfigError(f"{name}: in_features {linear.in_features} is not a multiple of group_size {group_size}")
-    tied = getattr(model.config, "tie_word_embeddings", False) and head_bits is not None
-    if embedding_bits is None and tied:
-        embedding_bits = head_bits  # the tied table is the head's values (below: held once)
-    _densify_unplanned(model, {*plan, *(["model.embed_tokens"] if embedding_bits is not None else [])})
-    for name, b in plan.items():
+        if name == "model.embed_tokens":
+            continue
         linear = model.get_submodule(name)
         weight, bias = dense_weight(linear), linear.bias
         _set_module(model, name, Int8Linear.quantize(weight, bias) if b == 8 else Int4Linear.quantize(weight, group_size, bias))
         del weight, linear
-    if embedding_bits is not None:
-        plan["model.embed_tokens"] = embedding_bits
+    if "model.embed_tokens" in plan:
+        embedding_bits = plan["model.embed_tokens"]
         embed = model.model.embed_tokens
         dtype = embed.dtype if isinstance(embed, QUANTIZED) else embed.weight.dtype  # of the rows it returns
         head = model.lm_head
+        tied = getattr(model.config, "tie_word_embeddings", False) and head_bits is not None
         if tied and embedding_bits == head_bits and head._lib is not None:
             table = TiedEmbedding(head, dtype)  # rows read from the quantized head
         else:
-            weight = dense_weight(embed)
-            table = (Int8Embedding.quantize(weight) if embedding_bits == 8
-                     else Int4Embedding.quantize(weight, group_size))
+            table = _quantized_table(dense_weight(embed), embedding_bits, group_size)
             table.dtype = dtype
         _set_module(model, "model.embed_tokens", table)
     model.config.raw["quantization"] = quantization_config(bits, group_size, plan)
     return model
 
 
-def _densify_unplanned(model: nn.Module, planned: set[str]) -> None:
+def _quantized_table(weight: torch.Tensor, bits: int, group_size: int) -> _QuantizedEmbedding:
+    return Int8Embedding.quantize(weight) if bits == 8 else Int4Embedding.quantize(weight, group_size)
+
+
+def quantized_stored(module: nn.Module, bits: int, group_size: int) -> dict[str, torch.Tensor]:
+    """What `stored()` of `module` quantized by `quantize_model` to `bits` gives, computed straight
+    from its weight (no kernel layout is packed and unpacked): what `phi3 quantize` writes."""
+    weight = dense_weight(module)
+    if isinstance(module, (nn.Embedding, _QuantizedEmbedding)):
+        return _quantized_table(weight, bits, group_size).stored()
+    if bits == 8:
+        return _with_bias(dict(zip(Int8Linear.STORED, quantize_int8_rows_fast(weight))), module.bias)
+    return _with_bias(dict(zip(Int4Linear.STORED, quantize_int4_nibbles(weight, group_size))), module.bias)
+
+
+def quantized_layout(module: nn.Module, bits: int, group_size: int) -> dict[str, Layout]:
+    """The shapes and dtypes of `quantized_stored(module, bits, group_size)`."""
+    if isinstance(module, (nn.Embedding, _QuantizedEmbedding)):
+        n, k = module.num_embeddings, module.embedding_dim
+        return int8_layout(n, k) if bits == 8 else int4_layout(n, k, group_size)
+    n, k = module.out_features, module.in_features
+    return _with_bias_layout(int8_layout(n, k) if bits == 8 else int4_layout(n, k, group_size), module.bias)
+
+
+def int8_layout(n: int, k: int, group_size: int | None = None) -> dict[str, Layout]:
+    """Stored int8 [n, k]: per-channel fp32 scales, or fp16 per group"""
+    scales = ((n,), torch.float32) if group_size is None else ((n, k // group_size), torch.float16)
+    return {"qweight": ((n, k), torch.int8), "scales": scales}
+
+
+def int4_layout(n: int, k: int, group_size: int) -> dict[str, Layout]:
+    groups = k // group_size
+    return {"qweight": ((n, k // 2), torch.uint8), "scales": ((n, groups), torch.float16),
+            "mins": ((n, groups), torch.float16)}
+
+
+def densify_unplanned(model: nn.Module, planned: set[str]) -> None:
     """Quantized modules the plan keeps in full precision (a GGUF's quantized head with
     `head_bits=None`) become dense again, in the model's dtype; a tied model whose head and table
     are then both dense holds the table once, as a full-precision tied model does."""

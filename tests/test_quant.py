@@ -377,3 +377,51 @@ def test_a_quantized_head_and_table_kept_in_full_precision_become_dense(default_
     ids = torch.tensor([back.encode("The capital of France is")])
     with torch.no_grad():
         assert torch.equal(back.model(ids), lm.model(ids))
+
+
+def _same_checkpoints(a, b):
+    from safetensors.torch import load_file
+    ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert set(ta) == set(tb)
+    for name in ta:
+        assert ta[name].dtype == tb[name].dtype and torch.equal(ta[name], tb[name]), name
+    assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+
+
+@pytest.mark.parametrize("bits,head,embedding,dtype", [(8, 8, None, None), (4, 8, 8, "bfloat16"), (4, 4, None, None),
+                                                       (4, None, 8, None), (4, 8, 4, "float32"), (4, None, None, None)])
+def test_quantize_to_checkpoint_writes_what_quantize_then_save_writes(tmp_path, tiny, bits, head, embedding, dtype,
+                                                                      monkeypatch):
+    """`phi3 quantize` quantizes each module as it writes it (`quantize_to_checkpoint`): the files of
+    `quantize_model` + `save_hf_checkpoint`, while no module's quantized tensors outlive their write."""
+    import phi3.checkpoint
+    from phi3.checkpoint import quantize_to_checkpoint
+    eager = quantize_model(tiny(), bits=bits, group_size=32, head_bits=head, embedding_bits=embedding)
+    save_hf_checkpoint(eager, tmp_path / "eager", dtype=dtype)
+    produced, real = [], phi3.checkpoint.quantized_stored
+
+    def quantized_stored(*args):
+        assert all(r() is None for r in produced), "an earlier module's quantized tensors are still held"
+        out = real(*args)
+        produced.append(weakref.ref(out["qweight"]))
+        return out
+    monkeypatch.setattr(phi3.checkpoint, "quantized_stored", quantized_stored)
+    model = tiny()
+    quantize_to_checkpoint(model, tmp_path / "streamed", bits=bits, group_size=32, head_bits=head,
+                           embedding_bits=embedding, dtype=dtype)
+    assert len(produced) == len(json.loads((tmp_path / "streamed" / "config.json").read_text())["quantization"]["modules"])
+    assert not any(isinstance(m, QUANTIZED) for m in model.modules())  # the model itself is left as it was
+    _same_checkpoints(tmp_path / "eager", tmp_path / "streamed")
+
+
+@pytest.mark.parametrize("head", [8, None])
+def test_quantize_to_checkpoint_of_a_quantized_gguf(default_gguf, tmp_path, head):
+    """The same for the embedded GGUF, whose modules load quantized (each is requantized from its
+    dequantized weights; with `head_bits=None` its tied head and table become dense)."""
+    from phi3.checkpoint import quantize_to_checkpoint
+    eager = quantize_model(phi3.load(default_gguf).model, bits=4, group_size=32, head_bits=head)
+    save_hf_checkpoint(eager, tmp_path / "eager", dtype="bfloat16")
+    lm = phi3.load(default_gguf)
+    quantize_to_checkpoint(lm.model, tmp_path / "streamed", bits=4, group_size=32, head_bits=head,
+                           tokenizer=lm.tokenizer, dtype="bfloat16")
+    _same_checkpoints(tmp_path / "eager", tmp_path / "streamed")
