@@ -1,6 +1,7 @@
 """Phi-3-small against a plain reference written straight from the spec (§2.2-2.5): dense attention with the
 explicit block-sparse mask, K/V repeat_interleave'd, no cache. Random weights on a scaled-down config."""
 
+import copy
 import json
 import math
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from phi3.checkpoint import build_model, load_hf_checkpoint, save_hf_checkpoint
+from phi3.checkpoint import build_model, load_hf_checkpoint, quantize_to_checkpoint, save_hf_checkpoint
 from phi3.config import config_from_hf_dict, load_preset
 from phi3.errors import ConfigError
 from phi3.generate import SamplingParams, generate_tokens
@@ -210,6 +211,7 @@ def test_missing_tensor_is_named():
 def test_quantized(tmp_path):
     _, _, ours = make()
     ids = torch.randint(0, 120, (1, 30))
+    quantize_to_checkpoint(copy.deepcopy(ours), tmp_path / "streamed", bits=8, group_size=32)  # `phi3 quantize`'s way
     with torch.no_grad():
         base = ours(ids)
         quantize_model(ours, bits=8, group_size=32)
@@ -220,6 +222,7 @@ def test_quantized(tmp_path):
     save_hf_checkpoint(ours, tmp_path)
     with torch.no_grad():
         assert torch.equal(load_hf_checkpoint(tmp_path)(ids), q)
+        assert torch.equal(load_hf_checkpoint(tmp_path / "streamed")(ids), q)
 
 
 def test_runs_through_phi3_load_and_the_cli(tmp_path, capsys):

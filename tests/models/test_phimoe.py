@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from phi3.checkpoint import build_model, load_hf_checkpoint, save_hf_checkpoint
+from phi3.checkpoint import build_model, load_hf_checkpoint, quantize_to_checkpoint, save_hf_checkpoint
 from phi3.config import config_from_hf_dict, load_preset
 from phi3.errors import ConfigError
 from phi3.generate import SamplingParams, generate_tokens
@@ -208,7 +208,7 @@ def test_quantized_experts(tmp_path, bits):
     Q8_0, or bf16 for torch's kernels; same input, so the same routing): two matmuls in a row, each
     about 0.5–1 % off on these small random shapes."""
     _, ours = make_pair()
-    dequantized = copy.deepcopy(ours)
+    dequantized, fresh = copy.deepcopy(ours), copy.deepcopy(ours)
     ids = torch.randint(0, 96, (1, 12))
     x = torch.randn(1, 40, 64)
     with torch.no_grad():
@@ -227,8 +227,10 @@ def test_quantized_experts(tmp_path, bits):
     assert rel < 0.03, rel
     save_hf_checkpoint(ours, tmp_path)
     back = load_hf_checkpoint(tmp_path)
+    quantize_to_checkpoint(fresh, tmp_path / "streamed", bits=bits, group_size=32)  # `phi3 quantize`'s way
     with torch.no_grad():
         assert torch.equal(back(ids), q)
+        assert torch.equal(load_hf_checkpoint(tmp_path / "streamed")(ids), q)
 
 
 def test_runs_through_phi3_load_and_the_cli(tmp_path, capsys):
