@@ -189,6 +189,56 @@ def load_hf_checkpoint(path: str | Path, dtype: str | torch.dtype | None = None)
     return build_model(cfg, tensors, default_dtype(cfg, dtype, dense), source=str(path), consume=True)
 
 
+def mapped_entries(files: list[Path]) -> list[Entry]:
+    """Every tensor of the shards as an `Entry` whose `get()` maps it from its file (one handle a
+    tensor, as `read_safetensors`): a tensor's pages are let go with it once it is written."""
+    entries = []
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for name in handle.keys():
+                    view = handle.get_slice(name)
+                    entries.append(Entry(name, tuple(view.get_shape()), ST_DTYPES[view.get_dtype()],
+                                         partial(_mapped_tensor, f, name)))
+        except (SafetensorError, OSError, KeyError) as e:
+            raise CheckpointError(f"{f}: truncated or corrupt safetensors file: {e}") from None
+    return entries
+
+
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+
+
+def _mapped_tensor(f: Path, name: str) -> torch.Tensor:
+    with safe_open(str(f), framework="pt") as handle:
+        return handle.get_tensor(name)
+
+
+def convert_hf_checkpoint(src: str | Path, dst: str | Path, dtype: str | torch.dtype | None = None,
+                          tokenizer=None) -> Path:
+    """A full-precision HF directory rewritten (`phi3 convert dir/ out/ --dtype ...`): what
+    `load_hf_checkpoint` then `save_hf_checkpoint` write, a tensor at a time, each cast as it is
+    written, so the model is never held (fp32 -> bf16 of a 14B model needs one tensor in memory, not
+    28 GB). Names and shapes are checked first against the model the config describes, as loading
+    does. A quantized checkpoint is refused (load it with `dequantize`, then save)."""
+    src = Path(src)
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: not a directory")
+    cfg = read_config_file(src / "config.json")
+    if cfg.raw.get("quantization"):
+        raise CheckpointError(f"{src}: a quantized checkpoint; load it and save the model instead")
+    dt = default_dtype(cfg, dtype)
+    entries = [e for e in mapped_entries(safetensors_files(src)) if not e.name.endswith("rotary_emb.inv_freq")]
+    build_model(cfg, {e.name: torch.empty(e.shape, dtype=e.dtype, device="meta") for e in entries}, dt,
+                source=str(src))
+    if cfg.tie_word_embeddings:
+        entries = [e for e in entries if e.name != "lm_head.weight"]
+    entries = [Entry(e.name, e.shape, dt if e.dtype.is_floating_point else e.dtype,
+                     lambda e=e: e.get().to(dt if e.dtype.is_floating_point else e.dtype)) for e in entries]
+    return write_hf_checkpoint(dst, entries, cfg, dt, tokenizer, progress=True)
+
+
 DENSE_SHARE_FP32 = 0.1  # quantized checkpoints with fewer dense parameters than this share run in fp32
 
 

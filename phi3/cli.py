@@ -106,11 +106,11 @@ def _gguf_without_weights(f):
 
 
 def cmd_convert(args) -> int:
-    from .api import convert_gguf_to_hf, is_gguf_file, load, resolve
+    from .api import convert_gguf_to_hf, is_gguf_file, load, resolve, tokenizer_for_dir
+    from .checkpoint import convert_hf_checkpoint, save_hf_checkpoint
     from .config import read_config_file
     from .gguf import read_gguf
     from .gguf_export import all_from_source
-    from .checkpoint import save_hf_checkpoint
 
     dst = Path(args.dst)
     if dst.suffix == ".gguf":
@@ -135,6 +135,11 @@ def cmd_convert(args) -> int:
     if src.is_file() and is_gguf_file(src):  # a tensor at a time from the file, no model in memory
         convert_gguf_to_hf(src, dst, None if args.dtype == "auto" else args.dtype)
         cfg = read_config_file(dst / "config.json")
+        print(f"wrote HF checkpoint {dst} ({cfg.layout} layout, {cfg.num_parameters() / 1e6:.1f}M parameters)")
+        return 0
+    if src.is_dir() and not read_config_file(src / "config.json").raw.get("quantization"):
+        cfg = read_config_file(src / "config.json")  # a tensor at a time, each cast as it is written
+        convert_hf_checkpoint(src, dst, None if args.dtype == "auto" else args.dtype, tokenizer_for_dir(src, cfg))
         print(f"wrote HF checkpoint {dst} ({cfg.layout} layout, {cfg.num_parameters() / 1e6:.1f}M parameters)")
         return 0
     lm = load(args.src, None if args.dtype == "auto" else args.dtype, dequantize=True)

@@ -187,3 +187,47 @@ def test_dense_parameters_of_a_gguf_counts_what_loads_dense(default_gguf):
     assert isinstance(model.lm_head, Int8Linear)
     assert isinstance(table, TiedEmbedding if cpu_kernels.library() is not None else Int8Embedding)
     assert torch.equal(model.lm_head.dequantize(), table.dequantize())
+
+
+@pytest.mark.parametrize("preset,vocab", [("phi-3-mini-128k-instruct", 32064), ("phi-4-mini-instruct", 200064)])
+@pytest.mark.parametrize("dtype", [None, "bfloat16", "float32"])
+def test_hf_to_hf_conversion_writes_what_load_then_save_writes(preset, vocab, dtype, tmp_path, monkeypatch):
+    """`phi3 convert dir/ out/ [--dtype D]` casts a tensor at a time from the mapped files: the same
+    directory as loading the model and saving it (sharded source, tied or not), with every tensor
+    freed once written; a quantized source takes the load path."""
+    import weakref
+
+    import phi3.checkpoint
+    from phi3.api import load
+    from phi3.cli import main
+    from phi3.tokenizer import Tokenizer
+
+    from .conftest import SHARED, random_phi3
+    hf = scaled_down(preset, vocab=vocab if preset.startswith("phi-3") else 160)
+    model = random_phi3(hf, 0.1, torch.bfloat16)
+    vocab_file = "ggml-vocab-phi-3.gguf"
+    tok = Tokenizer.from_gguf(SHARED / "tokenizer" / vocab_file)
+    save_hf_checkpoint(model, tmp_path / "src", tokenizer=tok, max_shard_bytes=200_000)
+    lm = load(tmp_path / "src", dtype)
+    save_hf_checkpoint(lm.model, tmp_path / "saved", tokenizer=lm.tokenizer, dtype=dtype)
+    del lm
+
+    produced, real = [], phi3.checkpoint._mapped_tensor
+
+    def mapped(*args):
+        assert all(r() is None for r in produced), "an earlier tensor is still held"
+        t = real(*args)
+        produced.append(weakref.ref(t))
+        return t
+    monkeypatch.setattr(phi3.checkpoint, "_mapped_tensor", mapped)
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "streamed")] + (["--dtype", dtype] if dtype else [])) == 0
+    saved, streamed = tmp_path / "saved", tmp_path / "streamed"
+    assert sorted(p.name for p in saved.iterdir()) == sorted(p.name for p in streamed.iterdir())
+    a = {k: v for f in sorted(saved.glob("*.safetensors")) for k, v in load_file(f).items()}
+    b = {k: v for f in sorted(streamed.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert set(a) == set(b) and len(produced) == len(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    for p in saved.iterdir():
+        if p.suffix != ".safetensors":
+            assert json.loads(p.read_text()) == json.loads((streamed / p.name).read_text()), p.name
