@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -261,11 +262,13 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def _save_safetensors(entries: list[Entry], path: Path, progress: bool = False) -> None:
+def _save_safetensors(entries: list[Entry], path: Path, final: Path, progress: bool = False) -> None:
+    """`entries` written to `path`, on their way to `final` (the name errors and the bar show)."""
     try:
-        write_safetensors(path, entries, metadata={"format": "pt"}, progress=progress)
-    except OSError as e:  # the disk filling up, a read-only place: the old file kept
-        raise CheckpointError(f"{path}: could not write ({e})") from None
+        write_safetensors(path, entries, metadata={"format": "pt"},
+                          progress=f"writing {final.name}" if progress else None)
+    except OSError as e:  # the disk filling up, a read-only place: the old files kept
+        raise CheckpointError(f"{final}: could not write ({e})") from None
 
 
 def _once(produce: Callable[[], dict[str, torch.Tensor]]) -> Callable[[str], torch.Tensor]:
@@ -367,8 +370,21 @@ def write_hf_checkpoint(path: str | Path, entries: list[Entry], cfg: ModelConfig
     shards = _shard(entries, max_shard_bytes)
     names = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
-        _save_safetensors(shard, path / name, progress)
+    # every shard is written beside the checkpoint first and moved in only once all are: a failure
+    # (disk full) leaves the directory's previous checkpoint whole, never old and new shards mixed
+    staged = [(path / f".{name}.partial", path / name) for name in names]
+    try:
+        for (part, final), shard in zip(staged, shards):
+            _save_safetensors(shard, part, final, progress)
+    except BaseException:
+        for part, _ in staged:
+            part.unlink(missing_ok=True)
+        raise
+    for part, final in staged:
+        os.replace(part, final)
+    for old in path.glob("model-*-of-*.safetensors"):  # shards of a previous checkpoint of another count
+        if old.name not in names:
+            old.unlink()
     if len(shards) == 1:
         (path / INDEX_NAME).unlink(missing_ok=True)
     else:

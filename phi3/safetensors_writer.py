@@ -78,9 +78,9 @@ def _check(e: Entry, t: torch.Tensor) -> torch.Tensor:
 
 
 def write_safetensors(path: str | Path, entries: Iterable[Entry], metadata: dict[str, str] | None = None,
-                      progress: bool = False) -> None:
+                      progress: str | None = None) -> None:
     """Write `entries` to `path` atomically (tmp + rename), holding one tensor at a time. `progress`:
-    a bar on stderr when it is a terminal."""
+    the label of a bar on stderr (shown when it is a terminal)."""
     entries = in_file_order(entries)
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
@@ -89,7 +89,7 @@ def write_safetensors(path: str | Path, entries: Iterable[Entry], metadata: dict
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(header_bytes(entries, metadata))
-            for e in _bar(entries, Path(path).name) if progress else entries:
+            for e in _bar(entries, progress) if progress else entries:
                 t = _check(e, e.get())
                 if t.numel():
                     f.write(memoryview(t.view(torch.uint8).numpy()))
@@ -98,6 +98,6 @@ def write_safetensors(path: str | Path, entries: Iterable[Entry], metadata: dict
     atomic_write(path, write)
 
 
-def _bar(entries: list[Entry], name: str):
+def _bar(entries: list[Entry], label: str):
     from tqdm import tqdm
-    return tqdm(entries, desc=f"writing {name}", unit="tensor", disable=None, leave=False, file=sys.stderr)
+    return tqdm(entries, desc=label, unit="tensor", disable=None, leave=False, file=sys.stderr)

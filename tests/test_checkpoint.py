@@ -231,3 +231,33 @@ def test_hf_to_hf_conversion_writes_what_load_then_save_writes(preset, vocab, dt
     for p in saved.iterdir():
         if p.suffix != ".safetensors":
             assert json.loads(p.read_text()) == json.loads((streamed / p.name).read_text()), p.name
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_whole(tmp_path, phi3_pair, monkeypatch):
+    """Writing into a directory that holds a sharded checkpoint: a failure in the second shard (disk
+    full) leaves every previous file as it was — never new and old shards mixed — and nothing
+    temporary; a later write with fewer shards removes the previous shards it no longer uses."""
+    import phi3.safetensors_writer
+    _, first = phi3_pair
+    save_hf_checkpoint(first, tmp_path, max_shard_bytes=60_000)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert len([n for n in before if n.endswith(".safetensors")]) >= 3
+    second = build_model(first.config, {k: v + 1 for k, v in first.state_dict().items()}, torch.float32)
+    real, seen = phi3.safetensors_writer._check, []
+
+    def fail_in_second_shard(entry, t):
+        seen.append(entry.name)
+        if len(seen) > len(load_file(tmp_path / sorted(n for n in before if n.startswith("model-"))[0])):
+            raise OSError(28, "No space left on device")
+        return real(entry, t)
+    monkeypatch.setattr(phi3.safetensors_writer, "_check", fail_in_second_shard)
+    with pytest.raises(CheckpointError, match=r"model-00002-of-\d+\.safetensors: could not write .*No space left"):
+        save_hf_checkpoint(second, tmp_path, max_shard_bytes=60_000)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    monkeypatch.undo()
+    save_hf_checkpoint(second, tmp_path)  # one file now
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["model.safetensors"]
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(load_hf_checkpoint(tmp_path)(ids), second(ids))
