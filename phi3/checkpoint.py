@@ -24,7 +24,7 @@ from .memory import drop_file_pages, return_freed_memory
 from .models.phi3 import Phi3ForCausalLM
 from .quant import (QUANTIZED, densify_unplanned, load_quantized_modules, quantization_config, quantization_plan,
                     quantized_layout, quantized_stored)
-from .safetensors_writer import Entry, write_safetensors
+from .safetensors_writer import DTYPES_BY_NAME, Entry, write_safetensors
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -199,16 +199,11 @@ def mapped_entries(files: list[Path]) -> list[Entry]:
             with safe_open(str(f), framework="pt") as handle:
                 for name in handle.keys():
                     view = handle.get_slice(name)
-                    entries.append(Entry(name, tuple(view.get_shape()), ST_DTYPES[view.get_dtype()],
+                    entries.append(Entry(name, tuple(view.get_shape()), DTYPES_BY_NAME[view.get_dtype()],
                                          partial(_mapped_tensor, f, name)))
         except (SafetensorError, OSError, KeyError) as e:
             raise CheckpointError(f"{f}: truncated or corrupt safetensors file: {e}") from None
     return entries
-
-
-ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool}
 
 
 def _mapped_tensor(f: Path, name: str) -> torch.Tensor:
@@ -235,9 +230,10 @@ def convert_hf_checkpoint(src: str | Path, dst: str | Path, dtype: str | torch.d
                 source=str(src))
     if cfg.tie_word_embeddings:
         entries = [e for e in entries if e.name != "lm_head.weight"]
-    entries = [Entry(e.name, e.shape, dt if e.dtype.is_floating_point else e.dtype,
-                     lambda e=e: e.get().to(dt if e.dtype.is_floating_point else e.dtype)) for e in entries]
-    return write_hf_checkpoint(dst, entries, cfg, dt, tokenizer, progress=True)
+    def cast(e: Entry) -> Entry:
+        to = dt if e.dtype.is_floating_point else e.dtype
+        return Entry(e.name, e.shape, to, lambda: e.get().to(to))
+    return write_hf_checkpoint(dst, [cast(e) for e in entries], cfg, dt, tokenizer, progress=True)
 
 
 DENSE_SHARE_FP32 = 0.1  # quantized checkpoints with fewer dense parameters than this share run in fp32
@@ -295,17 +291,21 @@ def export_entries(model: Phi3ForCausalLM, dtype: torch.dtype | None = None) -> 
     quantized = [(name, m) for name, m in model.named_modules() if isinstance(m, QUANTIZED)]
     if not quantized and cfg.layout == "llama":
         sd = split_to_llama_layout(sd, cfg)
-
-    def cast(t: torch.Tensor) -> torch.dtype:
-        return dtype if dtype is not None and t.is_floating_point() else t.dtype
-
-    entries = [Entry(name, tuple(t.shape), cast(t), lambda t=t: t.to(cast(t))) for name, t in sd.items()]
+    entries = _dense_entries(sd, dtype)
     for name, m in quantized:
         entries += _module_entries(name, m.stored_layout(), _once(m.stored), dtype)
     return entries
 
 
-def _module_entries(name: str, layout: dict, get: Callable[[str], torch.Tensor], dtype: torch.dtype | None) -> list[Entry]:
+def _dense_entries(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> list[Entry]:
+    """Entries of full-precision tensors, the float ones cast to `dtype` (None: as they are) when written."""
+    def cast(t: torch.Tensor) -> torch.dtype:
+        return dtype if dtype is not None and t.is_floating_point() else t.dtype
+    return [Entry(name, tuple(t.shape), cast(t), lambda t=t: t.to(cast(t))) for name, t in sd.items()]
+
+
+def _module_entries(name: str, layout: dict, get: Callable[[str], torch.Tensor],
+                    dtype: torch.dtype | None) -> list[Entry]:
     """The entries of one quantized module's stored tensors (`layout`: key -> shape, dtype); the
     bias is cast to `dtype`, the quantized tensors are written as they are."""
     entries = []
@@ -333,20 +333,18 @@ def quantize_to_checkpoint(model: Phi3ForCausalLM, path: str | Path, bits: int =
     if cfg.tie_word_embeddings and "model.embed_tokens" not in plan:
         sd.pop("lm_head.weight", None)
 
-    def cast(t: torch.Tensor) -> torch.dtype:
-        return dtype if dtype is not None and t.is_floating_point() else t.dtype
-
     def quantized(m: torch.nn.Module, b: int) -> dict[str, torch.Tensor]:
         parts = quantized_stored(m, b, group_size)
         if isinstance(getattr(m, "weight", None), torch.Tensor):
             drop_file_pages(m.weight)  # a memory-mapped checkpoint's weight: read once, not kept resident
         return parts
 
-    entries = [Entry(name, tuple(t.shape), cast(t), lambda t=t: t.to(cast(t))) for name, t in sd.items()]
+    entries = _dense_entries(sd, dtype)
     for name, b in plan.items():
         m = model.get_submodule(name)
         entries += _module_entries(name, quantized_layout(m, b, group_size), _once(partial(quantized, m, b)), dtype)
-    quantized_cfg = dataclasses.replace(cfg, raw={**cfg.raw, "quantization": quantization_config(bits, group_size, plan)})
+    section = quantization_config(bits, group_size, plan)
+    quantized_cfg = dataclasses.replace(cfg, raw={**cfg.raw, "quantization": section})
     return write_hf_checkpoint(path, entries, quantized_cfg, model.dtype if dtype is None else dtype, tokenizer,
                                max_shard_bytes)
 
