@@ -131,21 +131,17 @@ def cmd_convert(args) -> int:
         return 0
     if dst.exists() and not dst.is_dir():
         raise Phi3Error(f"{dst}: exists and is not a directory")
-    src = resolve(args.src)
+    src, dtype = resolve(args.src), None if args.dtype == "auto" else args.dtype
+    source_cfg = read_config_file(src / "config.json") if src.is_dir() else None
     if src.is_file() and is_gguf_file(src):  # a tensor at a time from the file, no model in memory
-        convert_gguf_to_hf(src, dst, None if args.dtype == "auto" else args.dtype)
-        cfg = read_config_file(dst / "config.json")
-        print(f"wrote HF checkpoint {dst} ({cfg.layout} layout, {cfg.num_parameters() / 1e6:.1f}M parameters)")
-        return 0
-    if src.is_dir() and not read_config_file(src / "config.json").raw.get("quantization"):
-        cfg = read_config_file(src / "config.json")  # a tensor at a time, each cast as it is written
-        convert_hf_checkpoint(src, dst, None if args.dtype == "auto" else args.dtype, tokenizer_for_dir(src, cfg))
-        print(f"wrote HF checkpoint {dst} ({cfg.layout} layout, {cfg.num_parameters() / 1e6:.1f}M parameters)")
-        return 0
-    lm = load(args.src, None if args.dtype == "auto" else args.dtype, dequantize=True)
-    save_hf_checkpoint(lm.model, dst, tokenizer=lm.tokenizer,
-                       dtype=None if args.dtype == "auto" else args.dtype)
-    print(f"wrote HF checkpoint {dst} ({lm.config.layout} layout, {lm.config.num_parameters() / 1e6:.1f}M parameters)")
+        convert_gguf_to_hf(src, dst, dtype)
+    elif source_cfg is not None and not source_cfg.raw.get("quantization"):  # a tensor at a time, cast as written
+        convert_hf_checkpoint(src, dst, dtype, tokenizer_for_dir(src, source_cfg))
+    else:  # a quantized checkpoint, dequantized
+        lm = load(src, dtype, dequantize=True)
+        save_hf_checkpoint(lm.model, dst, tokenizer=lm.tokenizer, dtype=dtype)
+    cfg = read_config_file(dst / "config.json")
+    print(f"wrote HF checkpoint {dst} ({cfg.layout} layout, {cfg.num_parameters() / 1e6:.1f}M parameters)")
     return 0
 
 
