@@ -630,6 +630,9 @@ def quantization_plan(model: nn.Module, bits: int = 4, group_size: int = 64, hea
         embedding_bits = head_bits  # the tied table is the head's values (held once: `TiedEmbedding`)
     if embedding_bits is not None:
         plan["model.embed_tokens"] = embedding_bits
+        width = model.get_submodule("model.embed_tokens").embedding_dim
+        if embedding_bits == 4 and width % group_size:
+            raise ConfigError(f"model.embed_tokens: embedding_dim {width} is not a multiple of group_size {group_size}")
     return plan
 
 

@@ -190,6 +190,10 @@ def test_bad_quantization_arguments(tiny):
         quantize_model(tiny(), bits=4, group_size=48)
     with pytest.raises(ConfigError, match="embedding bits=2"):
         quantize_model(tiny(), bits=4, group_size=32, embedding_bits=2)
+    width = tiny().model.embed_tokens.embedding_dim
+    assert width % 256
+    with pytest.raises(ConfigError, match=f"model.embed_tokens: embedding_dim {width} is not a multiple of group_size 256"):
+        quantize_model(tiny(), bits=8, group_size=256, embedding_bits=4)
 
 
 def test_missing_quantized_tensor_is_named(tmp_path, tiny):
