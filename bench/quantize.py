@@ -15,7 +15,9 @@ RSS), jobs interleaved, `--rounds` times, all with --threads threads; the output
 - phi3 int4 in memory: `phi3.load(bf16/, quantize=4)`, the time before `phi3 chat --quantize 4` can
   answer (no file written);
 - GGUF → GGUF: `phi3 convert q8_0.gguf out.gguf --type q4_0` against llama.cpp requantizing the same
-  Q8_0 file (`allow_requantize`).
+  Q8_0 file (`allow_requantize`);
+- HF → HF: `phi3 convert bf16/ out/ --dtype bfloat16` (a tensor at a time) against transformers'
+  `from_pretrained(bf16/, dtype=bfloat16)` + `save_pretrained(out/)`.
 
 The Q4_0 / Q8_0 data of the linear layers must come out byte for byte as llama.cpp's (ggml's reference
 quantizer; the F16 file holds the bf16 values exactly but for tiny ones, so a block may differ): the
@@ -48,11 +50,14 @@ JOBS = {  # name -> (kind, argument, source in the work directory)
     "phi3 int4 in memory": ("load", "4", "bf16"),
     "phi3 Q8_0 GGUF → Q4_0": ("convert", "q4_0", "q8_0.gguf"),
     "llama.cpp Q8_0 GGUF → Q4_0": ("llama", "q4_0", "q8_0.gguf"),
+    "phi3 HF bf16 → HF bf16": ("convert_hf", "bfloat16", "bf16"),
+    "transformers HF bf16 → HF bf16": ("transformers", "bfloat16", "bf16"),
 }
 PAIRS = [("phi3 → Q4_0 GGUF", "llama.cpp → Q4_0 GGUF"), ("phi3 → Q8_0 GGUF", "llama.cpp → Q8_0 GGUF"),
          ("phi3 int4 g64 checkpoint", "llama.cpp → Q4_1 GGUF"),
-         ("phi3 Q8_0 GGUF → Q4_0", "llama.cpp Q8_0 GGUF → Q4_0")]
-SAME_BLOCKS = [pair for pair in PAIRS if "Q4_1" not in pair[1]]  # file pairs whose layer blocks must match
+         ("phi3 Q8_0 GGUF → Q4_0", "llama.cpp Q8_0 GGUF → Q4_0"),
+         ("phi3 HF bf16 → HF bf16", "transformers HF bf16 → HF bf16")]
+SAME_BLOCKS = [pair for pair in PAIRS if "GGUF" in pair[1] and "Q4_1" not in pair[1]]  # layer blocks must match
 
 
 def run_child(kind: str, arg: str, source: Path, out: Path, threads: int) -> dict:
@@ -67,11 +72,19 @@ def run_child(kind: str, arg: str, source: Path, out: Path, threads: int) -> dic
         params.allow_requantize = True  # a quantized source (Q8_0 -> Q4_0)
         if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params) != 0:
             raise SystemExit("llama_model_quantize failed")
+    elif kind == "transformers":  # the peer of an HF -> HF rewrite: load, then save
+        import torch
+        import transformers
+        torch.set_num_threads(threads)
+        model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, arg))
+        model.save_pretrained(out)
     else:
         import torch
         torch.set_num_threads(threads)
         from phi3.cli import main as phi3_main
-        if kind == "load":
+        if kind == "convert_hf":
+            phi3_main(["convert", str(source), str(out), "--dtype", arg])
+        elif kind == "load":
             import phi3
             phi3.load(source, quantize=int(arg))
         elif kind == "convert":
@@ -133,7 +146,8 @@ def main() -> None:
             kind, arg, source = JOBS[name]
             shutil.rmtree(outdir, ignore_errors=True)
             outdir.mkdir(parents=True)
-            out = outdir / ("int4" if kind == "quantize" else f"{kind}-{arg}.gguf")
+            out = outdir / ("int4" if kind == "quantize" else f"{kind}-{arg}" if kind in ("convert_hf", "transformers")
+                            else f"{kind}-{arg}.gguf")
             cmd = [sys.executable, __file__, "--layers", str(args.layers), "--workdir", args.workdir,
                    "--threads", str(args.threads), "--child", kind, arg, str(work / source), str(out)]
             res = subprocess.run(cmd, capture_output=True, text=True)
@@ -157,7 +171,7 @@ def main() -> None:
              "| job | seconds | peak RSS GB | output GB |", "|---|---|---|---|"]
     for name, m in med.items():
         lines.append(f"| {name} | {m['seconds']:.1f} | {m['rss'] / 1e9:.2f} | {m['bytes'] / 1e9:.2f} |")
-    lines += ["", "| phi3 / llama.cpp | time ratio (lower is faster) |", "|---|---|"]
+    lines += ["", "| phi3 / peer | time ratio (lower is faster) |", "|---|---|"]
     for ours, peer in PAIRS:
         if ours in med and peer in med:
             lines.append(f"| {ours} / {peer} | {med[ours]['seconds'] / med[peer]['seconds']:.2f} |")
