@@ -98,16 +98,13 @@ def convert_gguf_to_hf(path: str | os.PathLike, dst: str | os.PathLike, dtype=No
     tensor at a time, each dequantized from the file as it is written, so the model is never held
     (a 14B file needs its largest tensor in memory, not 28 GB). The names and shapes are checked
     first against the model the config describes, as loading does."""
-    from .checkpoint import parse_dtype, write_hf_checkpoint
+    from .checkpoint import checked_entries, parse_dtype, write_hf_checkpoint
     from .gguf import gguf_entries, gguf_to_hf_config, read_gguf
 
     f = read_gguf(path)
     cfg = ModelConfig.from_hf_dict(gguf_to_hf_config(f), source=str(path))
     dt = default_dtype(cfg, None if dtype is None else parse_dtype(dtype))
-    entries = gguf_entries(f, dt)
-    build_model(cfg, {e.name: torch.empty(e.shape, dtype=dt, device="meta") for e in entries}, dt, source=str(path))
-    if cfg.tie_word_embeddings:
-        entries = [e for e in entries if e.name != "lm_head.weight"]
+    entries = checked_entries(gguf_entries(f, dt), cfg, dt, str(path))
     tokenizer = Tokenizer.from_gguf_metadata(f.metadata, source=str(path))
     return write_hf_checkpoint(dst, entries, cfg, dt, tokenizer, progress=True)
 

@@ -226,14 +226,21 @@ def convert_hf_checkpoint(src: str | Path, dst: str | Path, dtype: str | torch.d
         raise CheckpointError(f"{src}: a quantized checkpoint; load it and save the model instead")
     dt = default_dtype(cfg, dtype)
     entries = [e for e in mapped_entries(safetensors_files(src)) if not e.name.endswith("rotary_emb.inv_freq")]
-    build_model(cfg, {e.name: torch.empty(e.shape, dtype=e.dtype, device="meta") for e in entries}, dt,
-                source=str(src))
-    if cfg.tie_word_embeddings:
-        entries = [e for e in entries if e.name != "lm_head.weight"]
     def cast(e: Entry) -> Entry:
         to = dt if e.dtype.is_floating_point else e.dtype
         return Entry(e.name, e.shape, to, lambda: e.get().to(to))
-    return write_hf_checkpoint(dst, [cast(e) for e in entries], cfg, dt, tokenizer, progress=True)
+    entries = checked_entries([cast(e) for e in entries], cfg, dt, str(src))
+    return write_hf_checkpoint(dst, entries, cfg, dt, tokenizer, progress=True)
+
+
+def checked_entries(entries: list[Entry], cfg: ModelConfig, dtype: torch.dtype, source: str) -> list[Entry]:
+    """Full-precision `entries` read straight from another file, ready for `write_hf_checkpoint`: their
+    names and shapes checked against the model `cfg` describes (on the meta device, as loading checks
+    them: a missing or misshapen tensor is named before anything is written), and a tied model's head
+    left out, as `save_hf_checkpoint` leaves it out."""
+    build_model(cfg, {e.name: torch.empty(e.shape, dtype=e.dtype, device="meta") for e in entries}, dtype,
+                source=source)
+    return [e for e in entries if not (cfg.tie_word_embeddings and e.name == "lm_head.weight")]
 
 
 DENSE_SHARE_FP32 = 0.1  # quantized checkpoints with fewer dense parameters than this share run in fp32
