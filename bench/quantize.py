@@ -17,7 +17,10 @@ RSS), jobs interleaved, `--rounds` times, all with --threads threads; the output
 - GGUF → GGUF: `phi3 convert q8_0.gguf out.gguf --type q4_0` against llama.cpp requantizing the same
   Q8_0 file (`allow_requantize`);
 - HF → HF: `phi3 convert bf16/ out/ --dtype bfloat16` (a tensor at a time) against transformers'
-  `from_pretrained(bf16/, dtype=bfloat16)` + `save_pretrained(out/)`.
+  `from_pretrained(bf16/, dtype=bfloat16)` + `save_pretrained(out/)`;
+- GGUF → HF: `phi3 convert q8_0.gguf out/ --dtype bfloat16` beside transformers'
+  `from_pretrained(gguf_file=q8_0.gguf)` alone (it refuses `save_pretrained` for a model loaded from
+  GGUF, so its row is the load only: no ratio is printed for it).
 
 The Q4_0 / Q8_0 data of the linear layers must come out byte for byte as llama.cpp's (ggml's reference
 quantizer; the F16 file holds the bf16 values exactly but for tiny ones, so a block may differ): the
@@ -52,6 +55,8 @@ JOBS = {  # name -> (kind, argument, source in the work directory)
     "llama.cpp Q8_0 GGUF → Q4_0": ("llama", "q4_0", "q8_0.gguf"),
     "phi3 HF bf16 → HF bf16": ("convert_hf", "bfloat16", "bf16"),
     "transformers HF bf16 → HF bf16": ("transformers", "bfloat16", "bf16"),
+    "phi3 Q8_0 GGUF → HF bf16": ("convert_hf", "bfloat16", "q8_0.gguf"),
+    "transformers Q8_0 GGUF → model (load only)": ("transformers", "bfloat16", "q8_0.gguf"),
 }
 PAIRS = [("phi3 → Q4_0 GGUF", "llama.cpp → Q4_0 GGUF"), ("phi3 → Q8_0 GGUF", "llama.cpp → Q8_0 GGUF"),
          ("phi3 int4 g64 checkpoint", "llama.cpp → Q4_1 GGUF"),
@@ -76,8 +81,13 @@ def run_child(kind: str, arg: str, source: Path, out: Path, threads: int) -> dic
         import torch
         import transformers
         torch.set_num_threads(threads)
-        model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, arg))
-        model.save_pretrained(out)
+        if source.suffix == ".gguf":  # transformers cannot save a model it loaded from GGUF: the load alone
+            transformers.AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name,
+                                                              dtype=getattr(torch, arg))
+            out.mkdir()
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, arg))
+            model.save_pretrained(out)
     else:
         import torch
         torch.set_num_threads(threads)
