@@ -23,7 +23,7 @@ from .layers import RotaryEmbedding, use_native_bf16
 from .memory import drop_file_pages, return_freed_memory
 from .models.phi3 import Phi3ForCausalLM
 from .quant import (QUANTIZED, densify_unplanned, load_quantized_modules, quantization_config, quantization_plan,
-                    quantized_layout, quantized_stored)
+                    quantized_layout, quantized_stored, table_dtype)
 from .safetensors_writer import DTYPES_BY_NAME, Entry, write_safetensors
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -117,8 +117,12 @@ def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: to
         if tuple(sd[name].shape) != tuple(shape):
             raise CheckpointError(f"{source}: tensor {name} has shape {list(sd[name].shape)}, "
                                   f"expected {list(shape)} from config.json")
+    # a quantized model's dense embedding table (not also a dense head) is only looked up: stored
+    # narrower than the activations (bf16 beside fp32), it stays so, memory-mapped, its rows cast
+    # as they are read (resident: the rows looked up, not a widened copy of the table)
+    lookup_only = "model.embed_tokens.weight" if qcfg and not tied else None
     for k in sd:  # one at a time, so each original is freed as soon as it is converted
-        sd[k] = sd[k].to(dtype)
+        sd[k] = sd[k].to(table_dtype(sd[k].dtype, dtype) if k == lookup_only else dtype)
     model.load_state_dict(sd, strict=False, assign=True)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -268,12 +268,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
                                           enable_gqa=k.shape[1] != q.shape[1])
 
 
+def activation_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a model computes in: its `dtype` (the norms'; a quantized model's embedding table may
+    be stored narrower), else that of its first floating-point parameter."""
+    dtype = getattr(model, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def kv_cache_dtype(model: nn.Module) -> torch.dtype:
     """fp16 (as llama.cpp) for a model with quantized linears where the native kernels run: decode
     attention then reads half the bytes; otherwise the model's dtype, so that full-precision
     models stay exactly equal to the reference."""
     from .quant import QUANTIZED
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dtype = activation_dtype(model)
     if dtype in (torch.float32, torch.bfloat16) and cpu_kernels.library() is not None \
             and any(isinstance(m, QUANTIZED) for m in model.modules()):
         return torch.float16

@@ -23,6 +23,7 @@ from torch import nn
 
 from . import cpu_kernels
 from .errors import ConfigError
+from .layers import activation_dtype
 from .memory import return_freed_memory
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -716,7 +717,7 @@ def densify_unplanned(model: nn.Module, planned: set[str]) -> None:
     """Quantized modules the plan keeps in full precision (a GGUF's quantized head with
     `head_bits=None`) become dense again, in the model's dtype; a tied model whose head and table
     are then both dense holds the table once, as a full-precision tied model does."""
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dtype = activation_dtype(model)
     for name, m in list(model.named_modules()):
         if not isinstance(m, QUANTIZED) or name in planned:
             continue
@@ -748,12 +749,24 @@ def quantize_on_load(model: nn.Module, bits: int, group_size: int = 64,
     quantize_model(model, bits=bits, group_size=group_size)
     dense = sum(p.numel() for p in model.parameters())
     act = default_dtype(model.config, dtype, dense)
+    table, head = model.model.embed_tokens, getattr(model, "lm_head", None)
+    lookup_only = table.weight if type(table) is nn.Embedding and getattr(head, "weight", None) is not table.weight \
+        else None
     for p in model.parameters():
-        p.data = p.data.to(act)
+        p.data = p.data.to(table_dtype(p.dtype, act) if p is lookup_only else act)
     for m in model.modules():
         if isinstance(m, _QuantizedEmbedding):
             m.dtype = act  # the rows come out in the activation dtype, as a reload builds them
     return model
+
+
+def table_dtype(stored: torch.dtype, act: torch.dtype) -> torch.dtype:
+    """The dtype a quantized model keeps its dense embedding table in, when the table is only looked
+    up (not also the head): the narrower of its stored and the activation dtype. A bf16 table beside
+    fp32 activations stays bf16 (and memory-mapped) and the model casts the rows it looks up."""
+    if stored.is_floating_point and torch.finfo(stored).bits < torch.finfo(act).bits:
+        return stored
+    return act
 
 
 def quantization_config(bits: int, group_size: int, modules: dict[str, int]) -> dict:

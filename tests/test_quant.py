@@ -429,3 +429,58 @@ def test_quantize_to_checkpoint_of_a_quantized_gguf(default_gguf, tmp_path, head
     quantize_to_checkpoint(lm.model, tmp_path / "streamed", bits=4, group_size=32, head_bits=head,
                            tokenizer=lm.tokenizer, dtype="bfloat16")
     _same_checkpoints(tmp_path / "eager", tmp_path / "streamed")
+
+
+def _mapped_from(t: torch.Tensor, file) -> bool:
+    """Whether `t`'s memory lies in a mapping of `file` (memory-mapped, not copied)."""
+    ptr = t.data_ptr()
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= ptr < hi and len(fields) > 5 and fields[5] == str(file):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("preset", ["phi-3-mini-4k-instruct", "phi-3.5-moe-instruct"])
+def test_a_dense_table_beside_quantized_linears_stays_stored_and_mapped(tmp_path, preset):
+    """A quantized untied model whose table stays dense (`--embedding-bits none`) runs in fp32, but its
+    bf16 table is only looked up: a reload and `phi3.load(..., quantize=4)` keep it bf16, memory-mapped
+    from the file (resident: the rows looked up, not an fp32 copy of the table, which for phi-3-mini
+    was 394 MB of the 3.04 GB peak), and the logits equal those of the table widened to fp32. A tied
+    table that is also the dense head is held once, in the activation dtype."""
+    from phi3.checkpoint import model_class, quantize_to_checkpoint
+    from phi3.config import config_from_hf_dict
+    from phi3.layers import kv_cache_dtype
+    from phi3.quant import quantize_on_load
+    ids = torch.randint(0, 160, (2, 9))
+    for tied in (False, True):
+        cfg = config_from_hf_dict(dict(scaled_down(preset, head_dim=32), tie_word_embeddings=tied))
+        with torch.device("meta"):
+            shapes = model_class(cfg)(cfg).state_dict()
+        g = torch.Generator().manual_seed(0)
+        model = build_model(cfg, {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in shapes.items()
+                                  if not (tied and k == "lm_head.weight")}, torch.float32)
+        src, dst = tmp_path / f"bf16-{tied}", tmp_path / f"q-{tied}"
+        save_hf_checkpoint(model, src, dtype="bfloat16")
+        quantize_to_checkpoint(load_hf_checkpoint(src), dst, bits=4, group_size=32, dtype="bfloat16",
+                               head_bits=None if tied else 8)
+        models = [(dst, load_hf_checkpoint(dst))]
+        if not tied:
+            # as `phi3.load(src, quantize=4)` of a released (over 2B: bf16) checkpoint
+            models.append((src, quantize_on_load(load_hf_checkpoint(src, "bfloat16"), bits=4, group_size=32)))
+        for path, m in models:
+            table = m.model.embed_tokens.weight
+            assert m.dtype == torch.float32, path
+            if tied:  # one table, the head's: fp32
+                assert table.dtype == torch.float32 and m.lm_head.weight is table
+                continue
+            assert table.dtype == torch.bfloat16, path
+            assert _mapped_from(table, path / "model.safetensors"), f"{path}: the table was copied"
+            with torch.no_grad():
+                logits = m(ids)
+                assert logits.dtype == torch.float32
+                kv = kv_cache_dtype(m)
+                m.model.embed_tokens.weight = torch.nn.Parameter(table.float(), requires_grad=False)
+                assert kv_cache_dtype(m) == kv
+                assert torch.equal(m(ids), logits), path

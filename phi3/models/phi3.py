@@ -87,7 +87,7 @@ class Phi3ForCausalLM(nn.Module):
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids (packed documents) is for training, without a KV cache")
         positions, seq_len, start, k_pos = step_positions(input_ids, positions, seq_len, cache)
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids).to(self.dtype)  # a table may be stored narrower
         cos, sin = self.rotary(positions.clamp(min=0), seq_len, x.dtype)
         mask = None if causal else attention_mask(positions, k_pos, window, segment_ids)
         native = cache is not None and t == 1 and (isinstance(start, int) or mask is not None)

@@ -255,7 +255,7 @@ class Phi3SmallForCausalLM(nn.Module):
         cfg = self.config
         t = input_ids.shape[1]
         positions, seq_len, start, k_pos = step_positions(input_ids, positions, seq_len, cache)
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids).to(self.dtype)  # a table may be stored narrower
         if cfg.mup_embedding_multiplier is not None and cfg.mup_embedding_multiplier > 0:
             x = x * cfg.mup_embedding_multiplier
         cos, sin = self.rotary(positions.clamp(min=0), seq_len, x.dtype)

@@ -244,7 +244,7 @@ class PhiMoEForCausalLM(nn.Module):
     def forward(self, input_ids, positions=None, cache=None, seq_len=None, last_only=False):
         t = input_ids.shape[1]
         positions, seq_len, start, k_pos = step_positions(input_ids, positions, seq_len, cache)
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids).to(self.dtype)  # a table may be stored narrower
         cos, sin = self.rotary(positions.clamp(min=0), seq_len, x.dtype)
         mask = attention_mask(positions, k_pos, self.config.sliding_window)
         for i, layer in enumerate(self.model.layers):
