@@ -6,8 +6,8 @@
 Set-up (cached in --workdir): random phi-3-mini-shaped weights (speed does not depend on the
 values) written once as our bf16 HF checkpoint and as a GGUF F16 by `phi3.gguf_export`; llama.cpp's
 own quantizer makes Q4_0, Q8_0, Q4_K_M, Q5_K_M, Q3_K_M and IQ4_XS from that F16 file (those the chosen
-engines need); `phi3.quant` makes our int4 checkpoint
-(`phi3 quantize --bits 4 --group-size 64 --embedding-bits 4`: int8 head, int4 embedding).
+engines need); `phi3 quantize --bits 4 --group-size 64` makes our int4 checkpoint (int8 head and
+embedding table, the defaults).
 Every engine then runs in a fresh subprocess (so peak RSS is its own), engines interleaved,
 `--rounds` times: load, prefill of --prompt tokens, --new greedy tokens. Our int4/int8 load the
 llama.cpp Q4_0/Q8_0 files natively, so both sides multiply the very same quantized weights.
@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PHI3_VOCAB = ROOT.parent / "shared" / "tokenizer" / "ggml-vocab-phi-3.gguf"
 
+INT4 = "int4-g64-default"  # `phi3 quantize --bits 4 --group-size 64`: int4 linears, int8 head and table
 ENGINES = {  # name -> (artifact, kind[, extra environment])
     "phi3 int4 (Q4_0 file)": ("q4_0.gguf", "ours"),
     "phi3 int4 (Q4_0 file) 2-level act.": ("q4_0.gguf", "ours", {"PHI3_ACTIVATION_LEVELS": "2"}),
@@ -47,7 +48,7 @@ ENGINES = {  # name -> (artifact, kind[, extra environment])
     "llama.cpp IQ4_XS": ("iq4_xs.gguf", "llama"),
     "phi3 int8 (Q8_0 file)": ("q8_0.gguf", "ours"),
     "llama.cpp Q8_0": ("q8_0.gguf", "llama"),
-    "phi3 int4 g64 (ours)": ("int4-g64", "ours"),
+    "phi3 int4 g64 (ours)": ("int4-g64-default", "ours"),
     "phi3 bf16": ("bf16", "ours"),
     "llama.cpp F16": ("f16.gguf", "llama"),
     "transformers bf16": ("bf16", "hf"),
@@ -62,11 +63,10 @@ PAIRS = [("phi3 int4 (Q4_0 file)", "llama.cpp Q4_0"), ("phi3 int4 (Q4_0 file) 2-
 # ---- set-up ------------------------------------------------------------------------------------
 def build_artifacts(work: Path, layers: int, artifacts: set[str]) -> None:
     """The bf16 checkpoint and F16 GGUF, then whichever of the quantized `artifacts` are missing."""
-    from phi3.checkpoint import build_model, load_hf_checkpoint, save_hf_checkpoint
+    from phi3.checkpoint import build_model, load_hf_checkpoint, quantize_to_checkpoint, save_hf_checkpoint
     from phi3.config import load_preset, ModelConfig
     from phi3.gguf_export import write_gguf
     from phi3.models.phi3 import Phi3ForCausalLM
-    from phi3.quant import quantize_model
     from phi3.tokenizer import Tokenizer
 
     work.mkdir(parents=True, exist_ok=True)
@@ -105,11 +105,9 @@ def build_artifacts(work: Path, layers: int, artifacts: set[str]) -> None:
                                                 params)
             if rc != 0:
                 raise SystemExit(f"llama_model_quantize failed ({rc})")
-    if "int4-g64" in artifacts and not (work / "int4-g64" / "config.json").exists():
-        model = load_hf_checkpoint(work / "bf16")
-        print("writing int4-g64 (phi3 quantize --bits 4 --group-size 64 --embedding-bits 4)", flush=True)
-        quantize_model(model, bits=4, group_size=64, embedding_bits=4)
-        save_hf_checkpoint(model, work / "int4-g64", tokenizer=tok)
+    if INT4 in artifacts and not (work / INT4 / "config.json").exists():
+        print(f"writing {INT4} (phi3 quantize bf16/ {INT4}/ --bits 4 --group-size 64)", flush=True)
+        quantize_to_checkpoint(load_hf_checkpoint(work / "bf16"), work / INT4, bits=4, group_size=64, tokenizer=tok)
 
 
 def memory_bandwidth(threads: int) -> float:

@@ -329,7 +329,7 @@ def _module_entries(name: str, layout: dict, get: Callable[[str], torch.Tensor],
 
 
 def quantize_to_checkpoint(model: Phi3ForCausalLM, path: str | Path, bits: int = 4, group_size: int = 64,
-                           head_bits: int | None = 8, embedding_bits: int | None = None, tokenizer=None,
+                           head_bits: int | None = 8, embedding_bits: int | str | None = "head", tokenizer=None,
                            dtype: str | torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30) -> Path:
     """`quantize_model` then `save_hf_checkpoint` (`phi3 quantize`): the same directory, but each module
     is quantized as it is written, straight into the file layout, so the quantized model is never

@@ -156,7 +156,8 @@ def cmd_quantize(args) -> int:
     # (re)quantized from its own full-precision or dequantized weight as it is written
     lm = load(args.src)
     head_bits = None if args.head_bits == "none" else int(args.head_bits)
-    embedding_bits = None if args.embedding_bits == "none" else int(args.embedding_bits)
+    embedding_bits = args.embedding_bits if args.embedding_bits == "head" else \
+        None if args.embedding_bits == "none" else int(args.embedding_bits)
     quantize_to_checkpoint(lm.model, dst, bits=args.bits, group_size=args.group_size, head_bits=head_bits,
                            embedding_bits=embedding_bits, tokenizer=lm.tokenizer, dtype=args.dtype)
     size = sum(f.stat().st_size for f in dst.glob("*.safetensors"))
@@ -228,9 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=64, help="int4 group size: 32, 64, 128 or 256")
     p.add_argument("--head-bits", default="8", choices=["4", "8", "none"],
                    help="bits of the output head (default 8: the head is the layer most hurt by 4 bits)")
-    p.add_argument("--embedding-bits", default="none", choices=["4", "8", "none"],
-                   help="store the embedding table in int8 (a scale per row) or int4 (groups of --group-size); "
-                        "default: keep it in --dtype (a table tied to the head: the head's bits, read from it)")
+    p.add_argument("--embedding-bits", default="head", choices=["head", "4", "8", "none"],
+                   help="the embedding table in int8 (a scale per row), int4 (groups of --group-size) or kept in "
+                        "--dtype (none); default: the head's bits (a table tied to the head: read from it)")
     p.add_argument("--dtype", default="bfloat16", help="dtype of the tensors left unquantized (embeddings, norms)")
     p.set_defaults(func=cmd_quantize)
 

@@ -445,14 +445,13 @@ def _mapped_from(t: torch.Tensor, file) -> bool:
 @pytest.mark.parametrize("preset", ["phi-3-mini-4k-instruct", "phi-3.5-moe-instruct"])
 def test_a_dense_table_beside_quantized_linears_stays_stored_and_mapped(tmp_path, preset):
     """A quantized untied model whose table stays dense (`--embedding-bits none`) runs in fp32, but its
-    bf16 table is only looked up: a reload and `phi3.load(..., quantize=4)` keep it bf16, memory-mapped
-    from the file (resident: the rows looked up, not an fp32 copy of the table, which for phi-3-mini
-    was 394 MB of the 3.04 GB peak), and the logits equal those of the table widened to fp32. A tied
-    table that is also the dense head is held once, in the activation dtype."""
+    bf16 table is only looked up: a reload keeps it bf16, memory-mapped from the file (resident: the
+    rows looked up, not an fp32 copy of the table, which for phi-3-mini was 394 MB of the 3.04 GB
+    peak), and the logits equal those of the table widened to fp32. A tied table that is also the
+    dense head is held once, in the activation dtype."""
     from phi3.checkpoint import model_class, quantize_to_checkpoint
     from phi3.config import config_from_hf_dict
     from phi3.layers import kv_cache_dtype
-    from phi3.quant import quantize_on_load
     ids = torch.randint(0, 160, (2, 9))
     for tied in (False, True):
         cfg = config_from_hf_dict(dict(scaled_down(preset, head_dim=32), tie_word_embeddings=tied))
@@ -464,12 +463,8 @@ def test_a_dense_table_beside_quantized_linears_stays_stored_and_mapped(tmp_path
         src, dst = tmp_path / f"bf16-{tied}", tmp_path / f"q-{tied}"
         save_hf_checkpoint(model, src, dtype="bfloat16")
         quantize_to_checkpoint(load_hf_checkpoint(src), dst, bits=4, group_size=32, dtype="bfloat16",
-                               head_bits=None if tied else 8)
-        models = [(dst, load_hf_checkpoint(dst))]
-        if not tied:
-            # as `phi3.load(src, quantize=4)` of a released (over 2B: bf16) checkpoint
-            models.append((src, quantize_on_load(load_hf_checkpoint(src, "bfloat16"), bits=4, group_size=32)))
-        for path, m in models:
+                               head_bits=None if tied else 8, embedding_bits=None)
+        for path, m in [(dst, load_hf_checkpoint(dst))]:
             table = m.model.embed_tokens.weight
             assert m.dtype == torch.float32, path
             if tied:  # one table, the head's: fp32
@@ -484,3 +479,40 @@ def test_a_dense_table_beside_quantized_linears_stays_stored_and_mapped(tmp_path
                 m.model.embed_tokens.weight = torch.nn.Parameter(table.float(), requires_grad=False)
                 assert kv_cache_dtype(m) == kv
                 assert torch.equal(m(ids), logits), path
+
+
+def test_an_untied_table_takes_the_head_bits_by_default(tmp_path):
+    """`phi3 quantize` (and `quantize_model`) store an untied table in the head's bits unless told
+    otherwise: int8 beside the default int8 head (the int4 phi-3-mini file: 2.24 GB, not 2.33 GB with
+    a bf16 table), none when the head stays full precision; `--embedding-bits none` keeps it."""
+    from phi3.cli import main
+    from phi3.quant import quantization_plan
+    hf = scaled_down("phi-3-mini-4k-instruct", head_dim=32)
+    model = random_phi3_model(hf)
+    assert quantization_plan(model)["model.embed_tokens"] == 8
+    assert quantization_plan(model, head_bits=4)["model.embed_tokens"] == 4
+    assert "model.embed_tokens" not in quantization_plan(model, head_bits=None)
+    assert "model.embed_tokens" not in quantization_plan(model, embedding_bits=None)
+    save_hf_checkpoint(model, tmp_path / "src", dtype="bfloat16")
+    from phi3.tokenizer import Tokenizer
+    from .conftest import SHARED
+    Tokenizer.from_gguf(SHARED / "tokenizer" / "ggml-vocab-phi-3.gguf").save_pretrained(tmp_path / "src")
+    sizes = {}
+    for name, extra in [("default", []), ("none", ["--embedding-bits", "none"])]:
+        assert main(["quantize", str(tmp_path / "src"), str(tmp_path / name), "--group-size", "32", *extra]) == 0
+        modules = json.loads((tmp_path / name / "config.json").read_text())["quantization"]["modules"]
+        assert modules.get("model.embed_tokens") == (8 if name == "default" else None), name
+        sizes[name] = (tmp_path / name / "model.safetensors").stat().st_size
+        table = phi3.load(tmp_path / name).model.model.embed_tokens
+        assert isinstance(table, Int8Embedding if name == "default" else torch.nn.Embedding), name
+    vocab, hidden = hf["vocab_size"], hf["hidden_size"]
+    # bf16 [vocab, hidden] -> int8 [vocab, hidden] + an fp32 scale a row (the header: a name more)
+    assert abs(sizes["none"] - sizes["default"] - (vocab * hidden - 4 * vocab)) < 128
+
+
+def random_phi3_model(hf: dict) -> torch.nn.Module:
+    cfg = ModelConfig.from_hf_dict(hf)
+    with torch.device("meta"):
+        shapes = phi3.models.phi3.Phi3ForCausalLM(cfg).state_dict()
+    g = torch.Generator().manual_seed(0)
+    return build_model(cfg, {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in shapes.items()}, torch.float32)
