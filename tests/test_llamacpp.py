@@ -206,3 +206,32 @@ def test_llama_cpps_q4_0_file_writes_back_block_for_block(smollm2_q4_0, tmp_path
         assert np.asarray(back.tensors[name].raw).tobytes() == np.asarray(source.tensors[name].raw).tobytes(), name
     prompt = lm.chat_prompt("What is the capital of France?")
     assert llama_greedy(_llama(out), prompt, 8, lm.tokenizer.stop_token_ids)
+
+
+@pytest.mark.parametrize("gguf_type", ["q8_0", "q4_0"])
+def test_an_untied_int4_checkpoint_with_its_int8_table_runs_in_llama_cpp(gguf_type, tmp_path):
+    """`phi3 quantize` of an untied phi-3 (int4 linears, int8 head and, by default, int8 table), then
+    `phi3 convert ... --type q8_0|q4_0`: llama.cpp runs the file (a token_embd and an output tensor)
+    and its next-token logits are ours from the same file."""
+    from phi3.checkpoint import quantize_to_checkpoint, save_hf_checkpoint
+    from phi3.cli import main
+    from phi3.gguf import read_gguf
+    from phi3.quant import Int8Embedding
+    hf = scaled_down("phi-3-mini-4k-instruct", vocab=32064, head_dim=32)
+    model = random_phi3(hf, 0.1)
+    tok = Tokenizer.from_gguf(SHARED / "tokenizer" / "ggml-vocab-phi-3.gguf")
+    save_hf_checkpoint(model, tmp_path / "src", tokenizer=tok, dtype="bfloat16")
+    assert main(["quantize", str(tmp_path / "src"), str(tmp_path / "q"), "--group-size", "32"]) == 0
+    assert isinstance(phi3.load(tmp_path / "q").model.model.embed_tokens, Int8Embedding)
+    path = tmp_path / "q.gguf"
+    assert main(["convert", str(tmp_path / "q"), str(path), "--type", gguf_type]) == 0
+    assert {"token_embd.weight", "output.weight"} <= set(read_gguf(path).tensors)
+    ours = phi3.load(path)
+    prompt = tok.encode("The quick brown fox jumps over the lazy dog")
+    llm = _llama(path, n_ctx=128)
+    llm.eval(prompt)
+    theirs = _last_logits(llm)
+    with torch.no_grad():
+        mine = ours.model(torch.tensor([prompt]))[0, -1].float().numpy()
+    assert np.corrcoef(theirs, mine)[0, 1] > 0.99
+    assert int(mine.argmax()) in np.argsort(-theirs)[:3]
