@@ -23,7 +23,7 @@ from .layers import RotaryEmbedding, use_native_bf16
 from .memory import drop_file_pages, return_freed_memory
 from .models.phi3 import Phi3ForCausalLM
 from .quant import (QUANTIZED, densify_unplanned, load_quantized_modules, quantization_config, quantization_plan,
-                    quantized_layout, quantized_stored, table_dtype)
+                    quantized_layout, quantized_stored)
 from .safetensors_writer import DTYPES_BY_NAME, Entry, write_safetensors
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -122,7 +122,7 @@ def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: to
     # as they are read (resident: the rows looked up, not a widened copy of the table)
     lookup_only = "model.embed_tokens.weight" if qcfg and not tied else None
     for k in sd:  # one at a time, so each original is freed as soon as it is converted
-        sd[k] = sd[k].to(table_dtype(sd[k].dtype, dtype) if k == lookup_only else dtype)
+        sd[k] = sd[k].to(_table_dtype(sd[k].dtype, dtype) if k == lookup_only else dtype)
     model.load_state_dict(sd, strict=False, assign=True)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -135,6 +135,15 @@ def build_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: to
     if consume:
         return_freed_memory()
     return model.eval()
+
+
+def _table_dtype(stored: torch.dtype, act: torch.dtype) -> torch.dtype:
+    """The dtype a quantized model keeps its dense embedding table in, when the table is only looked
+    up (not also the head): the narrower of its stored and the activation dtype. A bf16 table beside
+    fp32 activations stays bf16 (and memory-mapped) and the model casts the rows it looks up."""
+    if stored.is_floating_point and torch.finfo(stored).bits < torch.finfo(act).bits:
+        return stored
+    return act
 
 
 # ---- reading safetensors ----------------------------------------------------------------------

@@ -762,15 +762,6 @@ def quantize_on_load(model: nn.Module, bits: int, group_size: int = 64,
     return model
 
 
-def table_dtype(stored: torch.dtype, act: torch.dtype) -> torch.dtype:
-    """The dtype a quantized model keeps its dense embedding table in, when the table is only looked
-    up (not also the head): the narrower of its stored and the activation dtype. A bf16 table beside
-    fp32 activations stays bf16 (and memory-mapped) and the model casts the rows it looks up."""
-    if stored.is_floating_point and torch.finfo(stored).bits < torch.finfo(act).bits:
-        return stored
-    return act
-
-
 def quantization_config(bits: int, group_size: int, modules: dict[str, int]) -> dict:
     """The `quantization` section of config.json: default bits, int4 group size, bits per module."""
     return {"quant_method": "phi3-weight-only", "bits": bits, "group_size": group_size, "modules": modules}
