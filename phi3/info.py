@@ -14,6 +14,19 @@ def _human(n: float) -> str:
     return ""
 
 
+def quantized_modules(qcfg: dict) -> str:
+    """A checkpoint's `quantization` section in a few words: 'int4 g64×128, int8×2 (lm_head, model.embed_tokens)'."""
+    by_bits: dict = {}
+    for name, bits in qcfg["modules"].items():
+        by_bits.setdefault(bits, []).append(name)
+    parts = []
+    for bits, names in sorted(by_bits.items(), key=lambda kv: str(kv[0])):
+        label = f"int{bits}" + (f" g{qcfg.get('group_size')}" if bits == 4 else "")
+        named = [n for n in names if n in ("lm_head", "model.embed_tokens")]
+        parts.append(f"{label}×{len(names)}" + (f" ({', '.join(named)})" if named else ""))
+    return ", ".join(parts)
+
+
 def describe(model: str | None) -> str:
     from .api import is_gguf_file, resolve
 
@@ -23,7 +36,11 @@ def describe(model: str | None) -> str:
         files = list(path.glob("*.safetensors"))
         fmt = f"HF safetensors ({len(files)} file{'s' if len(files) != 1 else ''})"
         nbytes = sum(f.stat().st_size for f in files)
-        types = str(cfg.torch_dtype)
+        qcfg = cfg.raw.get("quantization")
+        if isinstance(qcfg, dict) and isinstance(qcfg.get("modules"), dict):
+            types = f"{quantized_modules(qcfg)}; the rest {cfg.torch_dtype}"
+        else:
+            types = str(cfg.torch_dtype)
     else:
         from .gguf import gguf_to_hf_config, read_gguf
 

@@ -520,6 +520,9 @@ def test_an_untied_table_takes_the_head_bits_by_default(tmp_path):
         sizes[name] = (tmp_path / name / "model.safetensors").stat().st_size
         table = phi3.load(tmp_path / name).model.model.embed_tokens
         assert isinstance(table, Int8Embedding if name == "default" else torch.nn.Embedding), name
+    from phi3.info import describe  # `phi3 info` says what is quantized, not "weights bfloat16"
+    assert "weights int4 g32×8, int8×2 (lm_head, model.embed_tokens); the rest bfloat16" in describe(str(tmp_path / "default"))
+    assert "weights int4 g32×8, int8×1 (lm_head); the rest bfloat16" in describe(str(tmp_path / "none"))
     vocab, hidden = hf["vocab_size"], hf["hidden_size"]
     # bf16 [vocab, hidden] -> int8 [vocab, hidden] + an fp32 scale a row (the header: a name more)
     assert abs(sizes["none"] - sizes["default"] - (vocab * hidden - 4 * vocab)) < 128
