@@ -65,6 +65,18 @@ def our_teacher_forced_top1(model, prompt: list[int], tokens: list[int]) -> list
     return top1
 
 
+def assert_same_next_token_logits(model, llm, prompt: list[int]) -> None:
+    """llama.cpp's next-token logits after `prompt` are ours from the same file: correlated > 0.99,
+    our top-1 among its top 3."""
+    llm.reset()
+    llm.eval(prompt)
+    theirs = _last_logits(llm)
+    with torch.no_grad():
+        mine = model(torch.tensor([prompt]))[0, -1].float().numpy()
+    assert np.corrcoef(theirs, mine)[0, 1] > 0.99
+    assert int(mine.argmax()) in np.argsort(-theirs)[:3]
+
+
 def test_our_longrope_phi3_gguf_runs_in_llama_cpp(tmp_path):
     """Our GGUF of a scaled-down LongRoPE phi-3 (f16): llama.cpp's greedy output equals ours for 32
     tokens. llama.cpp picks short/long factors once per context (its context is padded to 256, so
@@ -163,13 +175,7 @@ def test_a_quantized_tied_model_exports_to_gguf_that_llama_cpp_runs(bits, defaul
     stop = ours.tokenizer.stop_token_ids
     answer = our_greedy(ours.model, prompt, 12, stop)
     assert "Paris" in ours.tokenizer.decode(answer)
-    llm = _llama(path)
-    llm.eval(prompt)
-    theirs = _last_logits(llm)
-    with torch.no_grad():
-        mine = ours.model(torch.tensor([prompt]))[0, -1].float().numpy()
-    assert np.corrcoef(theirs, mine)[0, 1] > 0.99
-    assert int(mine.argmax()) in np.argsort(-theirs)[:3]
+    assert_same_next_token_logits(ours.model, _llama(path), prompt)
 
 
 def test_the_file_name_keeps_llama_cpps_tokenizer_rules_in_step_with_ours(tmp_path):
@@ -228,10 +234,4 @@ def test_an_untied_int4_checkpoint_with_its_int8_table_runs_in_llama_cpp(gguf_ty
     assert {"token_embd.weight", "output.weight"} <= set(read_gguf(path).tensors)
     ours = phi3.load(path)
     prompt = tok.encode("The quick brown fox jumps over the lazy dog")
-    llm = _llama(path, n_ctx=128)
-    llm.eval(prompt)
-    theirs = _last_logits(llm)
-    with torch.no_grad():
-        mine = ours.model(torch.tensor([prompt]))[0, -1].float().numpy()
-    assert np.corrcoef(theirs, mine)[0, 1] > 0.99
-    assert int(mine.argmax()) in np.argsort(-theirs)[:3]
+    assert_same_next_token_logits(ours.model, _llama(path, n_ctx=128), prompt)
