@@ -320,6 +320,8 @@ def test_bf16_models_decode_on_the_native_kernel(monkeypatch):
     assert linears and all(type(m) is Bf16Linear for m in linears)
     assert model.state_dict().keys() == sd.keys()
 
+    # the module path (the whole-stack native step, which also runs bf16 models: tests/test_decode_step.py)
+    monkeypatch.setenv("PHI3_DECODE_STEP", "0")
     calls = []
     real = cpu_kernels.bf16_matmul
     monkeypatch.setattr(cpu_kernels, "bf16_matmul", lambda *a: calls.append(a[1].shape[0]) or real(*a))

@@ -14,6 +14,7 @@ from phi3 import cpu_kernels, decode_step
 from phi3.config import ModelConfig
 from phi3.generate import SamplingParams, generate_tokens
 from phi3.models.phi3 import Cache, Phi3ForCausalLM
+from phi3.layers import use_native_bf16
 from phi3.quant import Int8Linear, quantize_model
 
 from .conftest import scaled_down
@@ -179,12 +180,50 @@ def test_the_generator_uses_it_and_gives_the_module_paths_tokens(monkeypatch):
 def test_it_declines_what_it_does_not_compute():
     cfg = ModelConfig.from_hf_dict(scaled_down("phi-3-mini-4k-instruct", vocab=256))
     dense = Phi3ForCausalLM(cfg).eval()
-    assert decode_step.build(dense, Cache(dense, 1, 8)) is None  # full-precision linears
+    assert decode_step.build(dense, Cache(dense, 1, 8)) is None  # fp32 linears (exactly the reference)
+    dense.to(torch.bfloat16)
+    assert decode_step.build(dense, Cache(dense, 1, 8)) is None  # bf16 on PyTorch's matmul (no `Bf16Linear`)
+    use_native_bf16(dense)
+    assert decode_step.build(dense, Cache(dense, 1, 8)) is not None
+    assert decode_step.build(dense, Cache(dense, 1, 8, dtype=torch.float32)) is None  # fp32 KV cache
     model = quantized("phi-3-mini-4k-instruct")
     assert decode_step.build(model, Cache(model, 1, 8, dtype=torch.float32)) is None  # fp32 KV cache
     assert decode_step.build(model, Cache(model, 1, 8)) is not None
-    model.to(torch.bfloat16)
-    assert decode_step.build(model, Cache(model, 1, 8)) is None  # bf16 activations
+
+
+def test_a_bf16_model_decodes_natively_closer_to_fp32_than_its_module_path(monkeypatch):
+    """A bf16 model (`Bf16Linear`s, bf16 cache) takes the native step too; inside it the residual
+    stream stays fp32, where the module path rounds it to bf16 after every operation. Against the
+    same weights in fp32 (module path, fp32 cache) its logits are closer than the module path's, and
+    its greedy choices agree with fp32's."""
+    import copy
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_hf_dict(scaled_down("phi-3-mini-4k-instruct", vocab=256))
+    ref = Phi3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            p.copy_(p.bfloat16().float())  # the same values in both models
+    model = copy.deepcopy(ref).to(torch.bfloat16)
+    assert use_native_bf16(model) > 0
+    torch.manual_seed(1)
+    length, prompt = 24, 10
+    ids = torch.randint(0, 256, (2, length))
+    pos = torch.arange(length).expand(2, -1).clone()
+    pos[1, :5] = -1  # row 1 left-padded
+    pos[1, 5:] -= 5
+    native, n_native = decode_logits(model, ids, pos, prompt, length - prompt, True, monkeypatch)
+    plain, n_plain = decode_logits(model, ids, pos, prompt, length - prompt, False, monkeypatch)
+    exact, _ = decode_logits(ref, ids, pos, prompt, length - prompt, False, monkeypatch)
+    assert n_native == length - prompt - 1 and n_plain == 0
+    steps = slice(1, None)  # the first position is the (shared) prefill's
+    err_native = (native[:, steps].float() - exact[:, steps]).abs().mean()
+    err_plain = (plain[:, steps].float() - exact[:, steps]).abs().mean()
+    print(f"mean |logit - fp32|: native {err_native:.5f}, module path {err_plain:.5f}")
+    assert err_native < err_plain, (err_native, err_plain)
+    assert (native.argmax(-1) == exact.argmax(-1)).float().mean() > 0.9
 
 
 def test_a_step_is_reused_only_over_the_same_modules_and_buffers():

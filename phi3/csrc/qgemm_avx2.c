@@ -1160,11 +1160,6 @@ ALWAYS_INLINE void attend_head_t(const float *qf, const uint16_t *kh, const uint
     }
 }
 
-static void attend_head(const float *qf, const uint16_t *kh, const uint16_t *vh, const uint8_t *ok, int S, int D,
-                        float scale, float *o, float *p) {
-    attend_head_t(qf, kh, vh, ok, S, D, scale, o, p, 0);
-}
-
 /* Every (row, query head) of q fp32 [B, H, D] over the cache k, v [B, KV, L, D] (fp16, or bf16 with
  * BF16: a bf16 model's decode), slots 0 .. S-1; out fp32 [B, H, D]. */
 ALWAYS_INLINE void attend_rows(const float *q, const uint16_t *k, const uint16_t *v, const uint8_t *valid, float *out,
@@ -1210,23 +1205,32 @@ static void store_f16(const float *x, int D, uint16_t *dst) {
         _mm_storeu_si128((__m128i *)(dst + d), _mm256_cvtps_ph(_mm256_loadu_ps(x + d), _MM_FROUND_TO_NEAREST_INT));
 }
 
+/* fp32 -> bf16 rounded to nearest even, as PyTorch's cast (a NaN stays a NaN) */
+static void store_bf16(const float *x, int D, uint16_t *dst) {
+    for (int d = 0; d < D; d++) {
+        uint32_t u;
+        memcpy(&u, x + d, 4);
+        dst[d] = (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((u >> 16) | 0x40) : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+    }
+}
+
 /* One decode step of attention for B rows, straight from the fused projection: qkv fp32 [B, (H + 2·KV)·D]
  * ([Q | K | V] heads); cos, sin fp32 [B, rot] for each row's new position. Row b's new key (rotated)
  * and value go into slot starts[b] of the fp16 caches k, v [B, KV, L, D]; each query head (rotated)
  * then attends over slots 0 .. S-1 with `valid` uint8 [B, S] (which must hide what a row may not
  * see when the rows' slots differ) or NULL; out fp32 [B, H·D].
  * Replaces ~25 small tensor operations per layer (split, RoPE, transposes, cache writes, casts). */
-void phi3_decode_attend_f16(const float *qkv, const float *cos, const float *sin, uint16_t *k, uint16_t *v,
-                            const uint8_t *valid, float *out, int B, int H, int KV, int L, const int *starts, int S,
-                            int D, int rot, float scale, int nthreads) {
+static void decode_attend(const float *qkv, const float *cos, const float *sin, uint16_t *k, uint16_t *v,
+                          const uint8_t *valid, float *out, int B, int H, int KV, int L, const int *starts, int S,
+                          int D, int rot, float scale, int nthreads, int bf16) {
     const int W = (H + 2 * KV) * D, group = H / KV;
     float tmp[MAX_HEAD_DIM];
     for (int b = 0; b < B; b++)
         for (int j = 0; j < KV; j++) {
             const size_t slot = (((size_t)b * KV + j) * L + starts[b]) * D;
             rope_head(qkv + (size_t)b * W + (size_t)(H + j) * D, cos + (size_t)b * rot, sin + (size_t)b * rot, rot, D, tmp);
-            store_f16(tmp, D, k + slot);
-            store_f16(qkv + (size_t)b * W + (size_t)(H + KV + j) * D, D, v + slot);
+            (bf16 ? store_bf16 : store_f16)(tmp, D, k + slot);
+            (bf16 ? store_bf16 : store_f16)(qkv + (size_t)b * W + (size_t)(H + KV + j) * D, D, v + slot);
         }
     const size_t scratch = sizeof(float) * (size_t)((S + 7) & ~7) + 32;
     #pragma omp parallel for schedule(static) num_threads(nthreads)
@@ -1235,10 +1239,18 @@ void phi3_decode_attend_f16(const float *qkv, const float *cos, const float *sin
         float qr[MAX_HEAD_DIM];
         float *p = aligned_alloc(32, scratch & ~(size_t)31);
         rope_head(qkv + (size_t)b * W + (size_t)h * D, cos + (size_t)b * rot, sin + (size_t)b * rot, rot, D, qr);
-        attend_head(qr, k + ((size_t)b * KV + h / group) * L * D, v + ((size_t)b * KV + h / group) * L * D,
-                    valid ? valid + (size_t)b * S : NULL, S, D, scale, out + (size_t)bh * D, p);
+        const uint16_t *kh = k + ((size_t)b * KV + h / group) * L * D, *vh = v + ((size_t)b * KV + h / group) * L * D;
+        const uint8_t *ok = valid ? valid + (size_t)b * S : NULL;
+        if (bf16) attend_head_t(qr, kh, vh, ok, S, D, scale, out + (size_t)bh * D, p, 1);
+        else attend_head_t(qr, kh, vh, ok, S, D, scale, out + (size_t)bh * D, p, 0);
         free(p);
     }
+}
+
+void phi3_decode_attend_f16(const float *qkv, const float *cos, const float *sin, uint16_t *k, uint16_t *v,
+                            const uint8_t *valid, float *out, int B, int H, int KV, int L, const int *starts, int S,
+                            int D, int rot, float scale, int nthreads) {
+    decode_attend(qkv, cos, sin, k, v, valid, out, B, H, KV, L, starts, S, D, rot, scale, nthreads, 0);
 }
 
 /* GGUF Q4_0 / Q4_1 blocks -> the portable int4 layout (low nibble = even column). Each block of
@@ -1258,12 +1270,13 @@ void phi3_ggml_q4_nibbles(const uint8_t *blocks, long nblocks, int bsize, int qs
  * The whole per-token work of the decoder in one call, so no Python or tensor-library dispatch
  * sits between the kernels: per layer RMSNorm, [Q|K|V] projection, RoPE + fp16 cache write +
  * attention (`phi3_decode_attend_f16`), output projection, residual, RMSNorm, [gate|up] projection,
- * up·silu(gate), down projection, residual. The linears are int4 or int8 in the layouts above. */
+ * up·silu(gate), down projection, residual. The linears are int4 or int8 in the layouts above, or bf16
+ * (a bf16 model: the residual stream then stays fp32 inside the call, and the caches are bf16). */
 typedef struct {
-    const uint8_t *packed;    /* kernel layout */
+    const uint8_t *packed;    /* kernel layout; bits 16: the bf16 weight [N, K] as stored */
     const float *row_scale;   /* int8 per output channel: fp32 [N]; NULL for int4 and grouped int8 */
     const float *bias;        /* fp32 [N] or NULL */
-    int bits;                 /* 4 or 8 */
+    int bits;                 /* 4, 8, or 16 (bf16) */
     int N, K, G;              /* outputs (a multiple of 8), inputs, group / block of inputs */
     int symmetric, levels;    /* int4: scale-only layout; activation rounding levels (1 or 2), both kinds */
 } phi3_linear;
@@ -1271,11 +1284,13 @@ typedef struct {
 typedef struct {
     const float *ln1, *ln2;   /* RMSNorm weights fp32 [D] */
     phi3_linear qkv, o, gate_up, down;
-    uint16_t *k, *v;          /* fp16 caches [B, KV, L, hd] */
+    uint16_t *k, *v;          /* fp16 caches [B, KV, L, hd] (bf16 with kv_bf16) */
+    int kv_bf16;
 } phi3_layer;
 
 static void linear_forward(const phi3_linear *l, const float *x, int M, float *y, int nthreads) {
     if (l->bits == 4) phi3_int4_matmul(x, M, l->K, l->packed, l->N, l->G, y, nthreads, l->levels, l->symmetric);
+    else if (l->bits == 16) phi3_bf16_matmul(x, M, l->K, (const uint16_t *)l->packed, l->N, y, nthreads);
     else phi3_int8_matmul(x, M, l->K, l->packed, l->N, l->G, l->row_scale, y, nthreads, l->levels);
     if (l->bias)
         for (int m = 0; m < M; m++)
@@ -1334,8 +1349,8 @@ void phi3_decode_layers(float *x, int B, int D, const phi3_layer *layers, int n_
         const phi3_layer *ly = layers + l;
         rms_norm_rows(x, ly->ln1, eps, B, D, h);
         linear_forward(&ly->qkv, h, B, qkv, nthreads);
-        phi3_decode_attend_f16(qkv, cos, sin, ly->k, ly->v, valid, att, B, H, KV, L, starts, S, hd, rot, scale,
-                               nthreads);
+        decode_attend(qkv, cos, sin, ly->k, ly->v, valid, att, B, H, KV, L, starts, S, hd, rot, scale, nthreads,
+                      ly->kv_bf16);
         linear_forward(&ly->o, att, B, y, nthreads);
         for (size_t i = 0; i < (size_t)B * D; i++) x[i] += y[i];
         rms_norm_rows(x, ly->ln2, eps, B, D, h);
