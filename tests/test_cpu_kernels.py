@@ -285,7 +285,7 @@ def test_fused_decode_attention_is_bit_identical_to_the_unfused_path(preset, mon
 
 
 @needs_native
-@pytest.mark.parametrize("n,k", [(37, 64), (80, 259), (8, 3072)])
+@pytest.mark.parametrize("n,k", [(37, 64), (80, 259), (5, 44), (8, 3072)])
 def test_bf16_kernel_equals_float64_product(n, k):
     """Dense bf16 weights, 1..3 tokens (the decode sizes): fp32 sums of the exact bf16 values, so
     within fp32 rounding of the float64 product; row and column tails (n % 4, k % 8) included."""
