@@ -226,6 +226,21 @@ def test_a_bf16_model_decodes_natively_closer_to_fp32_than_its_module_path(monke
     assert (native.argmax(-1) == exact.argmax(-1)).float().mean() > 0.9
 
 
+def test_a_quantized_model_with_bf16_activations_takes_the_step_too(monkeypatch):
+    """`phi3.load(int4_dir, dtype="bfloat16")`: int4 linears beside bf16 norms and activations (fp16
+    cache). The step computes in fp32 inside, the module path in bf16 between the kernels; their
+    greedy choices agree."""
+    model = quantized("phi-3-mini-4k-instruct").to(torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    torch.manual_seed(1)
+    ids = torch.randint(0, 256, (1, 24))
+    pos = torch.arange(24)[None]
+    native, n_native = decode_logits(model, ids, pos, 10, 14, True, monkeypatch)
+    plain, n_plain = decode_logits(model, ids, pos, 10, 14, False, monkeypatch)
+    assert n_native == 13 and n_plain == 0 and native.dtype == torch.bfloat16
+    assert (native.argmax(-1) == plain.argmax(-1)).float().mean() > 0.9
+
+
 def test_a_step_is_reused_only_over_the_same_modules_and_buffers():
     """The server builds a new view of its slot rows each step: over the same k, v buffers and the
     same modules the model's last step is reused; another cache, or a swapped module, gets a new one."""
