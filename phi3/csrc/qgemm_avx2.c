@@ -1041,9 +1041,6 @@ ALWAYS_INLINE void bf16_block(const uint16_t *W, int K, const float *x, int m0, 
         }
 }
 
-/* x fp32 [M, K] · W bf16 [N, K] (row-major, as stored) -> y fp32 [M, N]. For a few tokens (decode)
- * this streams the weights once per 3 tokens at memory speed; PyTorch's bf16 matmul on CPUs
- * without native bf16 arithmetic runs at a third of that. */
 /* One token: each weight row read straight through, four accumulators of 8 (one stream per thread,
  * which the hardware prefetchers follow: 34 GB/s on 2 cores against 25 for `bf16_block`'s four
  * interleaved rows; with 2-3 tokens `bf16_block` is faster, its loads of x shared by 4 rows). */
@@ -1062,6 +1059,9 @@ static float bf16_row_dot(const uint16_t *w, const float *x, int K) {
     return s;
 }
 
+/* x fp32 [M, K] · W bf16 [N, K] (row-major, as stored) -> y fp32 [M, N]. For a few tokens (decode)
+ * this streams the weights once per 3 tokens at memory speed; PyTorch's bf16 matmul on CPUs
+ * without native bf16 arithmetic runs at a third of that. */
 void phi3_bf16_matmul(const float *x, int M, int K, const uint16_t *W, int N, float *y, int nthreads) {
     if (M == 1) {
         #pragma omp parallel for schedule(static) num_threads(nthreads)
@@ -1239,7 +1239,7 @@ static void store_bf16(const float *x, int D, uint16_t *dst) {
 
 /* One decode step of attention for B rows, straight from the fused projection: qkv fp32 [B, (H + 2·KV)·D]
  * ([Q | K | V] heads); cos, sin fp32 [B, rot] for each row's new position. Row b's new key (rotated)
- * and value go into slot starts[b] of the fp16 caches k, v [B, KV, L, D]; each query head (rotated)
+ * and value go into slot starts[b] of the fp16 (with `bf16`: bf16) caches k, v [B, KV, L, D]; each query head (rotated)
  * then attends over slots 0 .. S-1 with `valid` uint8 [B, S] (which must hide what a row may not
  * see when the rows' slots differ) or NULL; out fp32 [B, H·D].
  * Replaces ~25 small tensor operations per layer (split, RoPE, transposes, cache writes, casts). */
