@@ -17,7 +17,7 @@ from phi3 import cpu_kernels
 from phi3.quant import (QUANTIZED, Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, TiedEmbedding, quantize_int4,
                         quantize_int4_nibbles, quantize_int8_groups, quantize_model)
 
-from .conftest import scaled_down
+from .conftest import random_phi3, scaled_down
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -503,7 +503,7 @@ def test_an_untied_table_takes_the_head_bits_by_default(tmp_path):
     from phi3.cli import main
     from phi3.quant import quantization_plan
     hf = scaled_down("phi-3-mini-4k-instruct", head_dim=32)
-    model = random_phi3_model(hf)
+    model = random_phi3(hf, 0.1)
     assert quantization_plan(model)["model.embed_tokens"] == 8
     assert quantization_plan(model, head_bits=4)["model.embed_tokens"] == 4
     assert "model.embed_tokens" not in quantization_plan(model, head_bits=None)
@@ -526,11 +526,3 @@ def test_an_untied_table_takes_the_head_bits_by_default(tmp_path):
     vocab, hidden = hf["vocab_size"], hf["hidden_size"]
     # bf16 [vocab, hidden] -> int8 [vocab, hidden] + an fp32 scale a row (the header: a name more)
     assert abs(sizes["none"] - sizes["default"] - (vocab * hidden - 4 * vocab)) < 128
-
-
-def random_phi3_model(hf: dict) -> torch.nn.Module:
-    cfg = ModelConfig.from_hf_dict(hf)
-    with torch.device("meta"):
-        shapes = phi3.models.phi3.Phi3ForCausalLM(cfg).state_dict()
-    g = torch.Generator().manual_seed(0)
-    return build_model(cfg, {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in shapes.items()}, torch.float32)
