@@ -71,19 +71,23 @@ _FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", 
 
 
 def blocksparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern,
-                        scale: float, chunk_blocks: int | None = None) -> torch.Tensor:
+                        scale: float, chunk_blocks: int | None = None, band_blocks: int | None = None) -> torch.Tensor:
     """Block-sparse causal attention for a sequence at positions 0..T-1.
 
     q [b, H, T, d], k/v [b, KV, T, d] -> [b, H, T, d]. On CPU, queries go `chunk_blocks` blocks at a time
     (default: the vertical stride) through PyTorch's fused flash-attention kernel, which returns each
-    row's log-sum-exp, so a chunk's attention is computed in up to three parts and merged exactly:
+    row's log-sum-exp, so a chunk's attention is computed in up to three parts and merged exactly (the
+    kernel skips no masked tile, so its time is proportional to the score entries it is given):
 
     - A, the vertical cycles wholly before the chunk's first band: every head has exactly one block per
       cycle there, all visible to every row of the chunk, so no mask (each head's own keys, gathered once);
     - A2, the few vertical blocks after A that fall out of the band for some rows of the chunk (per-head
       keys, a small mask: block before the row's band);
-    - B, the band span of the chunk (contiguous keys shared by a KV head's G query heads, whose queries
-      are stacked into one call), masked by "causal and within NL blocks", the same for every head.
+    - B, the band, `band_blocks` query blocks at a time (default 1): the span of NL blocks ending at
+      the query block (contiguous keys shared by a KV head's G query heads, whose queries are stacked
+      into one call), masked by "causal and within NL blocks", the same for every head. One block at a
+      time reads NL blocks per query block; a whole 8-block chunk would read the 8 + NL − 1 blocks of
+      its span for every row (1.4× the entries; measured 12 % slower at 32K, 25 % at 4K).
 
     Merging: out = Σ_i o_i · exp(lse_i − L), L = log Σ_i exp(lse_i) (in fp32). Elsewhere (other devices,
     or a PyTorch without the kernel) the block-by-block path runs.
@@ -94,6 +98,7 @@ def blocksparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
     KV, B, NL, V = k.shape[1], pattern.block, pattern.local_blocks, pattern.vert_stride
     G = H // KV
     C = chunk_blocks or V
+    Cb = band_blocks or 1
     n_blocks = (T + B - 1) // B
     # each head's vertical keys by cycle: cycle j holds block phase(h) + V*j  ->  [b, H, cycles*B, d]
     index, _ = _vertical_positions(pattern, n_blocks, q.device)
@@ -126,6 +131,22 @@ def blocksparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
             masks[key] = (m, ok.any(-1))  # rows with no key here get lse = -inf
         return masks[key]
 
+    def band(qb0, qb1, lo, hi):
+        """B for query blocks qb0..qb1-1, `band_blocks` at a time: each step reads its own band span
+        (contiguous keys shared by a KV head's G query heads, whose queries are stacked into one call).
+        -> o [b, H, hi-lo, d], lse [b, H, hi-lo]."""
+        o_all = torch.empty(b, H, hi - lo, d, dtype=q.dtype, device=q.device)
+        lse_all = torch.empty(b, H, hi - lo, dtype=torch.float32, device=q.device)
+        for s0 in range(qb0, qb1, Cb):
+            slo, shi = s0 * B, min(T, min(s0 + Cb, qb1) * B)
+            n, first = shi - slo, max(0, s0 - NL + 1)
+            m = band_mask(s0 - first, n, shi - first * B).expand(b, KV, G * n, shi - first * B)
+            o, lse = _FUSED(q[:, :, slo:shi].reshape(b, KV, G * n, d), k[:, :, first * B:shi],
+                            v[:, :, first * B:shi], attn_mask=m, scale=scale)  # [b, KV, G*n, d], [b, KV, G*n]
+            o_all[:, :, slo - lo:shi - lo] = o.reshape(b, H, n, d)
+            lse_all[:, :, slo - lo:shi - lo] = lse.reshape(b, H, n)
+        return o_all, lse_all
+
     q = q.contiguous()
     out = torch.empty_like(q)
     starts = [0] + list(range((NL - 1) % V or V, n_blocks, V)) if C == V else list(range(0, n_blocks, C))
@@ -135,13 +156,8 @@ def blocksparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
         lo, hi = qb0 * B, min(T, qb1 * B)
         n = hi - lo
         q_blk = q[:, :, lo:hi]  # [b, H, n, d]
-        parts = []
-        # B: the band span, G query heads stacked per KV head
+        parts = [band(qb0, qb1, lo, hi)]
         first = max(0, qb0 - NL + 1)
-        m = band_mask(qb0 - first, n, hi - first * B).expand(b, KV, G * n, hi - first * B)
-        o, lse = _FUSED(q_blk.reshape(b, KV, G * n, d), k[:, :, first * B:hi], v[:, :, first * B:hi],
-                        attn_mask=m, scale=scale)
-        parts.append((o.reshape(b, H, n, d), lse.reshape(b, H, n)))
         # A: whole vertical cycles before the first band of the chunk
         cyc_a = first // V
         if cyc_a:

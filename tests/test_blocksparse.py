@@ -125,13 +125,15 @@ def test_rows_with_different_lengths_and_padding():
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-@pytest.mark.parametrize("chunk", [1, 3, 5, 9])
-def test_prefill_any_query_chunk_is_exact(pattern, chunk):
+@pytest.mark.parametrize("chunk,band", [(1, 1), (3, 2), (5, 1), (9, 4), (8, 8), (8, 3)])
+def test_prefill_any_query_chunk_is_exact(pattern, chunk, band):
     """The fused CPU path merges up to three partial softmaxes per chunk of query blocks; any chunk size
-    (aligned to the vertical stride or not) gives the dense result, as does the block-by-block path."""
+    (aligned to the vertical stride or not) and any number of band blocks per call (dividing the chunk
+    or not) gives the dense result, as does the block-by-block path."""
     from phi3.blocksparse import _prefill_by_block
 
     q, k, v = qkv(pattern, 300)
     expected = reference_attention(q, k, v, pattern, 1 / 16)
-    assert (blocksparse_prefill(q, k, v, pattern, 1 / 16, chunk_blocks=chunk) - expected).abs().max() < 1e-5
+    got = blocksparse_prefill(q, k, v, pattern, 1 / 16, chunk_blocks=chunk, band_blocks=band)
+    assert (got - expected).abs().max() < 1e-5
     assert (_prefill_by_block(q, k, v, pattern, 1 / 16) - expected).abs().max() < 1e-5
