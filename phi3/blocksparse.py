@@ -242,7 +242,8 @@ class SparseKVCache(nn.Module):
     - ring: the last R = NL·B positions of each row (slot = position mod R): every band a future query
       can need. [b, KV, R, d], with the position held in each slot (-1 = empty).
     - vertical store: block kb of KV head g is kept iff kb mod V is the phase of one of g's query heads.
-      [b, KV, cycles, P, B, d]: cycle = kb // V, P = slots for the group's phases.
+      [b, KV, P, cycles, B, d]: P = slots for the group's phases, cycle = kb // V; each slot's blocks
+      are contiguous, so a query head reads its own vertical keys as one [cycles·B, d] view.
     Memory: R + T·P/V positions per KV head instead of T.
     """
 
@@ -260,23 +261,32 @@ class SparseKVCache(nn.Module):
         for g, ps in enumerate(kept):
             for i, ph in enumerate(ps):
                 slot_of_phase[g, ph], phase_of_slot[g, i] = i, ph
+        # the query heads reading each slot, as rows of a [KV, P, M] table (M = most heads on one slot;
+        # -1 = none): a slot's queries are stacked into one matmul against its keys
+        head_slot = slot_of_phase.gather(1, phases)  # [KV, G]
+        M = max(int((head_slot[g] == i).sum()) for g in range(kv_heads) for i in range(P))
+        slot_heads = torch.full((kv_heads, P, M), -1, dtype=torch.long)
+        for g in range(kv_heads):
+            for i in range(P):
+                heads = torch.nonzero(head_slot[g] == i).flatten()
+                slot_heads[g, i, :heads.numel()] = heads
         self.R = min(pattern.local_blocks * B, max_len)
         self.cycles = max(1, math.ceil(max_len / (V * B)))
         kw = dict(dtype=dtype, device=device)
         self.register_buffer("ring_k", torch.zeros(batch, kv_heads, self.R, head_dim, **kw), persistent=False)
         self.register_buffer("ring_v", torch.zeros(batch, kv_heads, self.R, head_dim, **kw), persistent=False)
         self.register_buffer("ring_pos", torch.full((batch, self.R), -1, dtype=torch.long, device=device), persistent=False)
-        shape = (batch, kv_heads, self.cycles, P, B, head_dim)
+        shape = (batch, kv_heads, P, self.cycles, B, head_dim)
         self.register_buffer("vert_k", torch.zeros(shape, **kw), persistent=False)
         self.register_buffer("vert_v", torch.zeros(shape, **kw), persistent=False)
         self.register_buffer("slot_of_phase", slot_of_phase.to(device), persistent=False)
-        self.register_buffer("phase_of_slot", phase_of_slot.to(device), persistent=False)
+        self.register_buffer("head_slot", head_slot.to(device), persistent=False)  # [KV, G]
+        self.register_buffer("slot_heads", slot_heads.to(device), persistent=False)  # [KV, P, M]
         self.register_buffer("lengths", torch.zeros(batch, dtype=torch.long, device=device), persistent=False)
-        # position held by each vertical-store entry, flattened like the store: [KV, cycles*P*B] (-1: unused slot)
-        block = torch.arange(self.cycles)[None, :, None] * V + phase_of_slot[:, None, :]  # [KV, cycles, P]
-        vert_pos = torch.where(phase_of_slot[:, None, :, None] >= 0, block[..., None] * B + torch.arange(B), -1)
-        self.register_buffer("vert_pos", vert_pos.reshape(kv_heads, -1).to(device), persistent=False)
-        self.register_buffer("head_phase", phases.to(device), persistent=False)  # [KV, G]
+        # position held by each vertical-store entry, like the store: [KV, P, cycles·B] (-1: unused slot)
+        block = phase_of_slot[:, :, None] + V * torch.arange(self.cycles)  # [KV, P, cycles]
+        vert_pos = torch.where(phase_of_slot[:, :, None, None] >= 0, block[..., None] * B + torch.arange(B), -1)
+        self.register_buffer("vert_pos", vert_pos.flatten(2).to(device), persistent=False)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.ring_k, self.ring_v, self.vert_k, self.vert_v))
@@ -302,58 +312,79 @@ class SparseKVCache(nn.Module):
             vslot = self.slot_of_phase[:, block % V]  # [KV, n]: -1 when no query head of g needs it
             g, i = torch.nonzero(vslot >= 0, as_tuple=True)
             if g.numel():
-                where = (g, (block // V)[i], vslot[g, i], (p % B)[i])
+                where = (g, vslot[g, i], (block // V)[i], (p % B)[i])
                 self.vert_k[r].index_put_(where, kr[g, i])
                 self.vert_v[r].index_put_(where, vr[g, i])
             self.lengths[r] = torch.maximum(self.lengths[r], p.max() + 1)
 
     # ---- reading ------------------------------------------------------------------------------
     def _vertical_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The written part of the vertical store: k, v [b, KV, n, d] and positions [KV, n] (-1 = none)."""
+        """The written cycles of the vertical store: k, v [b, KV, P, n, d] (views) and positions [KV, P, n]."""
         B, V = self.pattern.block, self.pattern.vert_stride
         cycles = min(self.cycles, max(1, math.ceil(int(self.lengths.max()) / (V * B))))
-        b, KV, _, P, _, d = self.vert_k.shape
-        n = cycles * P * B
-        k = self.vert_k[:, :, :cycles].reshape(b, KV, n, d)
-        v = self.vert_v[:, :, :cycles].reshape(b, KV, n, d)
-        return k, v, self.vert_pos[:, :n]
+        b, KV, P, _, _, d = self.vert_k.shape
+        n = cycles * B
+        k = self.vert_k[:, :, :, :cycles].reshape(b, KV, P, n, d)
+        v = self.vert_v[:, :, :, :cycles].reshape(b, KV, P, n, d)
+        return k, v, self.vert_pos[:, :, :n]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention of q [b, H, Tq, d] (positions q_pos [b, Tq]) over the cached past plus this chunk's
         own k, v [b, KV, Tq, d]; then the chunk is written to the cache. -> [b, H, Tq, d].
 
-        Keys come from three places, each masked so every allowed key counts exactly once:
-        ring (past band only), vertical store (past, outside the band), the chunk itself (allowed).
+        Keys come from three places, each masked so every allowed key counts exactly once, and one
+        softmax runs over all three (in fp32):
+        - the ring (past band only), shared by a KV head's G query heads: their queries stacked;
+        - the vertical store (past, outside the band): each query head reads only its own phase's slot,
+          the queries of the heads on one slot stacked ([b, KV, P, M·Tq, d] against [b, KV, P, n, d]);
+        - the chunk itself (allowed by the pattern).
         """
-        p, B, NL, V = self.pattern, self.pattern.block, self.pattern.local_blocks, self.pattern.vert_stride
+        p, B, NL = self.pattern, self.pattern.block, self.pattern.local_blocks
         b, H, Tq, d = q.shape
         KV = k.shape[1]
         G = H // KV
+        P, M = self.slot_heads.shape[1:]
+        neg = float("-inf")
         qg = q.reshape(b, KV, G * Tq, d)  # [b, KV, G*Tq, d]: the query heads of each KV head together
-        phase = self.head_phase  # [KV, G]
-        qb = (q_pos // B)[:, None, None, :, None]  # [b, 1, 1, Tq, 1]
-        q_ok = (q_pos >= 0)[:, None, None, :, None]
+        qb = (q_pos // B)[:, None, :, None]  # [b, 1, Tq, 1]
+        q_ok = (q_pos >= 0)[:, None, :, None]
 
-        ring_pos = self.ring_pos[:, None, None, None, :]  # [b, 1, 1, 1, R]
-        ring_mask = q_ok & (ring_pos >= 0) & (ring_pos <= q_pos[:, None, None, :, None]) & (qb - ring_pos // B < NL)
-        vk, vv, vpos = self._vertical_view()
-        vpos = vpos[None, :, None, None, :]  # [1, KV, 1, 1, n]
-        vkb = vpos // B
-        vert_mask = (q_ok & (vpos >= 0) & (vpos < self.lengths[:, None, None, None, None]) & (qb - vkb >= NL)
-                     & (vkb % V == phase[None, :, :, None, None]))
-        new_mask = p.allowed(q_pos, q_pos).view(b, KV, G, Tq, Tq)  # [b, KV, G, Tq, Tq]
+        # ring: [b, KV, G, Tq, R], the same mask for every head
+        ring_pos = self.ring_pos[:, None, None, :]  # [b, 1, 1, R]
+        ring_ok = q_ok & (ring_pos >= 0) & (ring_pos <= q_pos[:, None, :, None]) & (qb - ring_pos // B < NL)
+        s_ring = torch.matmul(self.ring_k, qg.transpose(-1, -2)).transpose(-1, -2).float().reshape(b, KV, G, Tq, self.R)
+        s_ring = s_ring.mul_(scale).masked_fill_(~ring_ok[:, :, None], neg)
 
-        parts = [(self.ring_k, self.ring_v, ring_mask), (vk, vv, vert_mask), (k, v, new_mask)]
-        scores = []
-        for keys, _, mask in parts:
-            s = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale  # [b, KV, G*Tq, n]
-            mask = mask.expand(b, KV, G, Tq, keys.shape[2]).reshape(b, KV, G * Tq, -1)
-            scores.append(s.masked_fill(~mask, float("-inf")))
-        probs = torch.cat(scores, -1).softmax(-1).nan_to_num(0.0).to(q.dtype)  # rows with no key: 0
-        out, start = 0, 0
-        for keys, values, _ in parts:
-            n = keys.shape[2]
-            out = out + torch.matmul(probs[..., start:start + n], values)
-            start += n
+        # vertical: per slot, its heads' queries stacked: [b, KV, P, M*Tq, d] (a missing head: zeros)
+        vk, vv, vpos = self._vertical_view()  # [b, KV, P, n, d], [KV, P, n]
+        n = vpos.shape[-1]
+        heads = self.slot_heads.clamp(min=0)  # [KV, P, M]
+        kv_idx = torch.arange(KV, device=q.device)[:, None, None]
+        q_slot = qg.view(b, KV, G, Tq, d)[:, kv_idx, heads]  # [b, KV, P, M, Tq, d]
+        s_vert = torch.matmul(vk, q_slot.reshape(b, KV, P, M * Tq, d).transpose(-1, -2)).transpose(-1, -2).float()
+        s_vert = s_vert.mul_(scale).view(b, KV, P, M, Tq, n)
+        vpos = vpos[None, :, :, None, None, :]  # [1, KV, P, 1, 1, n]
+        vert_ok = ((vpos >= 0) & (vpos < self.lengths[:, None, None, None, None, None])
+                   & (qb[:, :, None, None] - vpos // B >= NL) & q_ok[:, :, None, None])  # [b, KV, P, 1, Tq, n]
+        s_vert.masked_fill_(~vert_ok, neg)
+        # back to heads: head j of KV head g reads slot head_slot[g, j], row of j in that slot's table
+        row = (self.slot_heads[:, :, :, None] == torch.arange(G, device=q.device)).int().argmax(2)  # [KV, P, G]
+        row_of_head = row.gather(1, self.head_slot[:, None, :]).squeeze(1)  # [KV, G]
+        s_vert_h = s_vert[:, kv_idx[..., 0], self.head_slot, row_of_head]  # [b, KV, G, Tq, n]
+
+        # the chunk itself: [b, KV, G, Tq, Tq]
+        new_ok = p.allowed(q_pos, q_pos).view(b, KV, G, Tq, Tq)
+        s_new = torch.matmul(qg, k.transpose(-1, -2)).float().view(b, KV, G, Tq, Tq)
+        s_new = s_new.mul_(scale).masked_fill_(~new_ok, neg)
+
+        probs = torch.cat([s_ring, s_vert_h, s_new], -1).softmax(-1).nan_to_num_(0.0).to(q.dtype)  # no key: 0
+        p_ring, p_vert, p_new = probs.split([self.R, n, Tq], -1)
+        out = torch.matmul(p_ring.reshape(b, KV, G * Tq, self.R), self.ring_v)  # [b, KV, G*Tq, d]
+        out = out + torch.matmul(p_new.reshape(b, KV, G * Tq, Tq), v)
+        out = out.view(b, KV, G, Tq, d)
+        # vertical values per slot: the probabilities of a slot's heads stacked like their queries
+        p_slot = p_vert[:, kv_idx, heads]  # [b, KV, P, M, Tq, n]; rows of padding heads are never read back
+        o_slot = torch.matmul(p_slot.reshape(b, KV, P, M * Tq, n), vv).view(b, KV, P, M, Tq, d)
+        out = out + o_slot[:, kv_idx[..., 0], self.head_slot, row_of_head]
         self.write(k, v, q_pos)
         return out.reshape(b, H, Tq, d)

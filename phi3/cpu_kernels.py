@@ -562,10 +562,11 @@ def bf16_matmul(lib, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 # ---- decode attention over an fp16 KV cache --------------------------------------------------
 
-def attend_cache(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def attend_cache(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                 scale: float | None = None) -> torch.Tensor:
     """q [B, H, 1, D] (any float dtype); k, v fp16 or bf16 [B, KV, S, D] views of the first S slots of a cache
     [B, KV, L, D] (contiguous, so rows are L·D apart); mask bool broadcastable to [B, 1, 1, S]
-    (True = attend) or None. Returns fp32 [B, H, 1, D]; softmax(q·kᵀ/√D)·v in fp32."""
+    (True = attend) or None. Returns fp32 [B, H, 1, D]; softmax(q·kᵀ·scale)·v in fp32, scale 1/√D unless given."""
     b, h, _, d = q.shape
     kv, s = k.shape[1], k.shape[2]
     length = k.stride(1) // d  # L: the cache's slots per head
@@ -576,7 +577,7 @@ def attend_cache(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     out = torch.empty(b, h, 1, d)
     kernel = lib.phi3_attend_bf16 if k.dtype == torch.bfloat16 else lib.phi3_attend_f16
     kernel(qf.data_ptr(), k.data_ptr(), v.data_ptr(), None if valid is None else valid.data_ptr(), out.data_ptr(),
-           b, h, kv, length, s, d, d ** -0.5, torch.get_num_threads())
+           b, h, kv, length, s, d, d ** -0.5 if scale is None else scale, torch.get_num_threads())
     return out
 
 

@@ -29,3 +29,33 @@ def test_apply_rotary_rotates_channel_pairs(T, d, rot, grad):
         got = apply_rotary(x.requires_grad_(grad) if grad else x, cos, sin)
     assert got.shape == x.shape
     assert (got.double() - rotate_by_pairs(x.detach(), angles, rot)).abs().max() < 1e-5
+
+
+def attention_by_head(q, k, v, mask, scale):
+    """softmax(q·kᵀ·scale)·v head by head in float64, query head h reading KV head h // G."""
+    G = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
+    s = (q.double() @ k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    return s.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("T,S", [(1, 300), (3, 40), (70, 200)])  # decode, a short chunk (stacked), a long one
+@pytest.mark.parametrize("KV", [2, 8])  # GQA 4:1 and plain multi-head
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_over_a_cache(T, S, dtype, KV):
+    """GQA queries over a cache, the queries of a KV head stacked into one SDPA call (or the native
+    kernel for one bf16 query): the same as head-by-head attention, with a padded row and a scale."""
+    from phi3.layers import attention, attention_mask
+
+    B, H, d = 2, 8, 16
+    q, k, v = (torch.randn(B, n, t, d).to(dtype) for n, t in ((H, T), (KV, S), (KV, S)))
+    k_pos = torch.arange(S).expand(B, S).clone()
+    k_pos[1, :5] = -1  # row 1 left-padded
+    mask = attention_mask(k_pos[:, S - T:], k_pos, None)  # [B, 1, T, S]
+    with torch.no_grad():
+        got = attention(q, k, v, mask, scale=0.3)
+    expected = attention_by_head(q, k, v, mask, 0.3)
+    assert got.shape == (B, H, T, d)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (got.double() - expected).abs().max() < tol

@@ -11,13 +11,12 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..blocksparse import SparseKVCache, SparsePattern, blocksparse_prefill
 from ..config import ModelConfig, base_fields
 from ..errors import ConfigError
-from ..layers import KVCache, RotaryEmbedding, apply_rotary, attention_mask, embedding, step_positions
+from ..layers import KVCache, RotaryEmbedding, apply_rotary, attention, attention_mask, embedding, step_positions
 from .phi3 import Cache
 
 # The released tokenizer's unused ids (spec §2.7), masked out of the logits.
@@ -157,8 +156,7 @@ class SmallAttention(nn.Module):
         if self.dense_layer:
             if cache is not None:
                 k, v = cache.update(cache_start, k, v)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
-                                                 enable_gqa=self.n_kv != self.n_heads)
+            out = attention(q, k, v, mask, scale=self.scale)
         else:
             out = self.sparse_attention(q, k, v, positions, cache)
         return self.dense(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
