@@ -4,12 +4,13 @@ One attention layer (query_key_value + RoPE + attention + dense, random weights,
 head_dim 128, GQA 4:1 and pattern (block 64, 16 local blocks, vertical stride 8; with 8 heads the
 phase step is 1, as with the release's 32). Fewer heads than the release (default 8 of 32) keep it
 runnable on a small CPU; attention cost is linear in heads, so the sparse/dense ratios do not depend on it.
-Dense is the fastest dense path: SDPA with is_causal for prefill; for decode, phi3's dense-layer
-attention over the full cache (`phi3.layers.attention`: the G query heads of a KV head stacked into
-one SDPA call, 3-4x faster than SDPA's own `enable_gqa` there).
-Both sides are measured in the same run.
+Dense is the fastest dense path: SDPA with is_causal for prefill; for decode, the attention over the
+full cache that phi-3-small's dense layers run (`phi3.layers.attention`: a KV head's query heads
+stacked, 4-5x faster for one token than SDPA's own `enable_gqa`). `--chunked` also times both prefills
+the way `generate` runs a prompt: PREFILL_CHUNK tokens a call, each continuing the cache (sparse:
+`SparseKVCache.prefill_chunk`). Both sides are measured in the same run.
 
-    .venv/bin/python bench/blocksparse.py --lengths 4096 16384 32768
+    .venv/bin/python bench/blocksparse.py --lengths 4096 16384 32768 [--chunked]
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from phi3.blocksparse import SparseKVCache, SparsePattern, blocksparse_prefill
-from phi3.layers import KVCache, RotaryEmbedding, apply_rotary, attention
+from phi3.generate import PREFILL_CHUNK
+from phi3.layers import KVCache, RotaryEmbedding, apply_rotary, attention, attention_mask
 from phi3.models.phi3small import Phi3SmallConfig, SmallAttention
 
 
@@ -42,7 +44,7 @@ def timed(fn, repeat: int = 1) -> float:
 
 
 @torch.inference_mode()
-def run(T: int, heads: int, decode_steps: int) -> dict:
+def run(T: int, heads: int, decode_steps: int, chunked: bool) -> dict:
     cfg = layer_config(heads, T + decode_steps)
     attn = SmallAttention(cfg, layer=0)  # the projections; attention itself is called explicitly below
     for p in attn.parameters():
@@ -77,6 +79,26 @@ def run(T: int, heads: int, decode_steps: int) -> dict:
         sparse_cache.write(k, v, pos[:, :T])
         return out_proj(out)
 
+    def prefill_dense_chunked():  # as `generate` prefills: PREFILL_CHUNK tokens a call, over the cache
+        for lo in range(0, T, PREFILL_CHUNK):
+            hi = min(T, lo + PREFILL_CHUNK)
+            q, k, v = project(lo, hi)
+            kk, vv = dense_cache.update(lo, k, v)
+            out_proj(attention(q, kk, vv, attention_mask(pos[:, lo:hi], pos[:, :hi], None), scale=cfg.attention_scale))
+
+    def prefill_sparse_chunked():  # the first chunk fresh, the others continuing the sparse cache
+        sparse_cache.reset()
+        for lo in range(0, T, PREFILL_CHUNK):
+            hi = min(T, lo + PREFILL_CHUNK)
+            q, k, v = project(lo, hi)
+            if lo == 0:
+                out = blocksparse_prefill(q, k, v, pattern, cfg.attention_scale)
+                sparse_cache.write(k, v, pos[:, :hi])
+            else:
+                assert sparse_cache.can_prefill_chunk(q, pos[:, lo:hi])
+                out = sparse_cache.prefill_chunk(q, k, v, pos[:, lo:hi], cfg.attention_scale)
+            out_proj(out)
+
     def decode_dense():
         for i in range(T, T + decode_steps):
             q, k, v = project(i, i + 1)
@@ -93,6 +115,8 @@ def run(T: int, heads: int, decode_steps: int) -> dict:
     if T <= pattern.block * pattern.local_blocks:
         assert (a - b).abs().max() < 1e-4
     res = {"T": T, "prefill_dense": timed(prefill_dense), "prefill_sparse": timed(prefill_sparse)}
+    if chunked:
+        res.update(chunked_dense=timed(prefill_dense_chunked), chunked_sparse=timed(prefill_sparse_chunked))
     prefill_sparse()  # fill the sparse cache again (decode below writes into both caches)
     ring_pos, lengths = sparse_cache.ring_pos.clone(), sparse_cache.lengths.clone()
     res["decode_dense"] = timed(decode_dense) / decode_steps
@@ -112,6 +136,8 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=8, help="query heads (KV heads = heads/4); the release has 32")
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--chunked", action="store_true",
+                    help=f"also prefill in {PREFILL_CHUNK}-token chunks over the cache, as `generate` does")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,10 +147,13 @@ def main() -> None:
     print(f"{'tokens':>7} | {'prefill dense':>13} {'sparse':>8} {'speed-up':>8} | {'decode dense':>12} {'sparse':>8} "
           f"{'speed-up':>8} | {'KV dense':>9} {'sparse':>9} {'ratio':>6}")
     for T in args.lengths:
-        r = run(T, args.heads, args.decode_steps)
+        r = run(T, args.heads, args.decode_steps, args.chunked)
         print(f"{T:>7} | {r['prefill_dense']:>11.2f} s {r['prefill_sparse']:>6.2f} s {r['prefill_dense'] / r['prefill_sparse']:>7.2f}x"
               f" | {r['decode_dense'] * 1e3:>9.2f} ms {r['decode_sparse'] * 1e3:>5.2f} ms {r['decode_dense'] / r['decode_sparse']:>7.2f}x"
               f" | {r['kv_dense'] / 2**20:>6.1f} MiB {r['kv_sparse'] / 2**20:>5.1f} MiB {r['kv_sparse'] / r['kv_dense']:>6.3f}", flush=True)
+        if args.chunked:
+            print(f"{'':>7}   prefill in {PREFILL_CHUNK}-token chunks: dense {r['chunked_dense']:.2f} s, sparse "
+                  f"{r['chunked_sparse']:.2f} s, {r['chunked_dense'] / r['chunked_sparse']:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

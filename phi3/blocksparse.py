@@ -92,19 +92,42 @@ def blocksparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
     Merging: out = Σ_i o_i · exp(lse_i − L), L = log Σ_i exp(lse_i) (in fp32). Elsewhere (other devices,
     or a PyTorch without the kernel) the block-by-block path runs.
     """
-    if _FUSED is None or q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16):
+    if not fused_kernel_runs(q):
         return _prefill_by_block(q, k, v, pattern, scale)
-    b, H, T, d = q.shape
-    KV, B, NL, V = k.shape[1], pattern.block, pattern.local_blocks, pattern.vert_stride
-    G = H // KV
-    C = chunk_blocks or V
-    Cb = band_blocks or 1
-    n_blocks = (T + B - 1) // B
+    H, T = q.shape[1], q.shape[2]
+    G = H // k.shape[1]
+    n_blocks = (T + pattern.block - 1) // pattern.block
     # each head's vertical keys by cycle: cycle j holds block phase(h) + V*j  ->  [b, H, cycles*B, d]
     index, _ = _vertical_positions(pattern, n_blocks, q.device)
     index = index.clamp(max=T - 1)  # blocks past the end are never read (masked or beyond every A/A2 range)
     head_kv = torch.arange(H, device=q.device) // G
     k_vert, v_vert = k[:, head_kv[:, None], index], v[:, head_kv[:, None], index]
+    return _fused_attention(q, 0, k, v, k_vert, v_vert, pattern, scale, chunk_blocks, band_blocks)
+
+
+def fused_kernel_runs(q: torch.Tensor) -> bool:
+    """Whether PyTorch's fused CPU flash kernel (with log-sum-exp) can take these queries."""
+    return _FUSED is not None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
+
+
+def _fused_attention(q: torch.Tensor, q_block: int, k: torch.Tensor, v: torch.Tensor, k_vert: torch.Tensor,
+                     v_vert: torch.Tensor, pattern: SparsePattern, scale: float, chunk_blocks: int | None,
+                     band_blocks: int | None) -> torch.Tensor:
+    """`blocksparse_prefill`'s fused path for queries q [b, H, Tq, d] at positions q_block·B + (0 .. Tq-1),
+    the sequence before them being in the keys given:
+    - k, v [b, KV, L, d]: every position from the first block of the first query's band, max(0,
+      q_block - NL + 1)·B, to the last query (L = Tq for a sequence from 0);
+    - k_vert, v_vert [b, H, n, d]: each head's vertical keys by cycle from cycle 0 (cycle j: block
+      phase(h) + V·j), covering every vertical block before the last query's band.
+    -> [b, H, Tq, d]."""
+    b, H, Tq, d = q.shape
+    KV, B, NL, V = k.shape[1], pattern.block, pattern.local_blocks, pattern.vert_stride
+    G = H // KV
+    C = chunk_blocks or V
+    Cb = band_blocks or 1
+    T = q_block * B + Tq  # absolute end
+    end_block = (T + B - 1) // B
+    k_lo = max(0, q_block - NL + 1) * B  # absolute position of k[:, :, 0]
     phase = pattern.phases().to(q.device)  # [H]
     masks: dict = {}
     neg = float("-inf")
@@ -141,21 +164,23 @@ def blocksparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
             slo, shi = s0 * B, min(T, min(s0 + Cb, qb1) * B)
             n, first = shi - slo, max(0, s0 - NL + 1)
             m = band_mask(s0 - first, n, shi - first * B).expand(b, KV, G * n, shi - first * B)
-            o, lse = _FUSED(q[:, :, slo:shi].reshape(b, KV, G * n, d), k[:, :, first * B:shi],
-                            v[:, :, first * B:shi], attn_mask=m, scale=scale)  # [b, KV, G*n, d], [b, KV, G*n]
+            q_rows = q[:, :, slo - q_block * B:shi - q_block * B].reshape(b, KV, G * n, d)
+            o, lse = _FUSED(q_rows, k[:, :, first * B - k_lo:shi - k_lo], v[:, :, first * B - k_lo:shi - k_lo],
+                            attn_mask=m, scale=scale)  # [b, KV, G*n, d], [b, KV, G*n]
             o_all[:, :, slo - lo:shi - lo] = o.reshape(b, H, n, d)
             lse_all[:, :, slo - lo:shi - lo] = lse.reshape(b, H, n)
         return o_all, lse_all
 
     q = q.contiguous()
     out = torch.empty_like(q)
-    starts = [0] + list(range((NL - 1) % V or V, n_blocks, V)) if C == V else list(range(0, n_blocks, C))
-    starts = sorted(set(s for s in starts if s < n_blocks))
+    # chunks aligned so that each one's first band starts a vertical cycle (A whole cycles, A2 small)
+    grid = range((NL - 1) % V or V, end_block, V) if C == V else range(q_block, end_block, C)
+    starts = sorted({q_block} | {s for s in grid if s > q_block})
     for i, qb0 in enumerate(starts):
-        qb1 = starts[i + 1] if i + 1 < len(starts) else n_blocks
+        qb1 = starts[i + 1] if i + 1 < len(starts) else end_block
         lo, hi = qb0 * B, min(T, qb1 * B)
         n = hi - lo
-        q_blk = q[:, :, lo:hi]  # [b, H, n, d]
+        q_blk = q[:, :, lo - q_block * B:hi - q_block * B]  # [b, H, n, d]
         parts = [band(qb0, qb1, lo, hi)]
         first = max(0, qb0 - NL + 1)
         # A: whole vertical cycles before the first band of the chunk
@@ -173,15 +198,16 @@ def blocksparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
                 o, lse = _FUSED(q_blk, k_vert[:, :, sl], v_vert[:, :, sl], attn_mask=m.expand(b, -1, -1, -1),
                                 scale=scale)
                 parts.append((o, lse.masked_fill(~has, neg)))
+        rows = slice(lo - q_block * B, hi - q_block * B)
         if len(parts) == 1:
-            out[:, :, lo:hi] = parts[0][0]
+            out[:, :, rows] = parts[0][0]
             continue
         lses = torch.stack([p[1] for p in parts])  # [P, b, H, n]
         w = (lses - lses.logsumexp(0)).exp_().unsqueeze(-1)  # [P, b, H, n, 1]
         acc = parts[0][0].float() * w[0]
         for j in range(1, len(parts)):
             acc += parts[j][0].float() * w[j]
-        out[:, :, lo:hi] = acc
+        out[:, :, rows] = acc
     return out
 
 
@@ -327,6 +353,36 @@ class SparseKVCache(nn.Module):
         k = self.vert_k[:, :, :, :cycles].reshape(b, KV, P, n, d)
         v = self.vert_v[:, :, :, :cycles].reshape(b, KV, P, n, d)
         return k, v, self.vert_pos[:, :, :n]
+
+    def can_prefill_chunk(self, q: torch.Tensor, q_pos: torch.Tensor) -> bool:
+        """Whether `prefill_chunk` takes this chunk: every row continues its cached sequence at the same
+        block-aligned position, without padding, on the fused CPU kernel."""
+        start = int(q_pos[0, 0])
+        return (q.shape[2] > 1 and fused_kernel_runs(q) and start > 0 and start % self.pattern.block == 0
+                and bool((self.lengths == start).all())
+                and torch.equal(q_pos, torch.arange(start, start + q.shape[2], device=q_pos.device).expand_as(q_pos)))
+
+    def prefill_chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float,
+                      chunk_blocks: int | None = None, band_blocks: int | None = None) -> torch.Tensor:
+        """A prompt chunk that continues the cached sequence (`can_prefill_chunk`) through the fused
+        kernel of `blocksparse_prefill`, as fast per token as one call over the whole prompt: its band
+        keys are the ring's last positions before the chunk plus the chunk's own, its vertical keys
+        each head's slot of the store. q [b, H, Tq, d], k, v [b, KV, Tq, d] -> [b, H, Tq, d]; the chunk
+        is written to the cache."""
+        B, NL = self.pattern.block, self.pattern.local_blocks
+        start = int(q_pos[0, 0])
+        band_lo = max(0, start // B - NL + 1) * B
+        slots = torch.arange(band_lo, start, device=q.device) % self.R  # the ring holds the last R >= NL*B positions
+        k_band = torch.cat([self.ring_k[:, :, slots], k], 2)  # [b, KV, start + Tq - band_lo, d]
+        v_band = torch.cat([self.ring_v[:, :, slots], v], 2)
+        self.write(k, v, q_pos)
+        vk, vv, _ = self._vertical_view()  # [b, KV, P, n, d]
+        KV, G = self.head_slot.shape
+        kv_of_head = torch.arange(KV, device=q.device)[:, None].expand(KV, G)
+        k_vert = vk[:, kv_of_head, self.head_slot].flatten(1, 2)  # [b, H, n, d]: head g*G + j reads its slot
+        v_vert = vv[:, kv_of_head, self.head_slot].flatten(1, 2)
+        return _fused_attention(q, start // B, k_band, v_band, k_vert, v_vert, self.pattern, scale,
+                                chunk_blocks, band_blocks)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention of q [b, H, Tq, d] (positions q_pos [b, Tq]) over the cached past plus this chunk's

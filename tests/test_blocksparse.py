@@ -93,6 +93,45 @@ def test_cache_decode_and_chunked_prefill_equal_dense(pattern, chunks):
     assert (torch.cat(outs, 2) - expected).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("chunks", [[40, 24, 40, 96, 37], [8, 8, 16, 300], [128, 72, 9], [12, 20, 50, 3, 5, 40]])  # blocks of 8
+def test_fused_prefill_chunks_continuing_the_cache_equal_dense(pattern, chunks):
+    """Prompt chunks after the first (block-aligned starts, any length) through `prefill_chunk`: band
+    keys from the ring plus the chunk, vertical keys from each head's slot of the store."""
+    T = sum(chunks)
+    q, k, v = qkv(pattern, T)
+    expected = reference_attention(q, k, v, pattern, 1 / 16)
+    cache = SparseKVCache(2, 2, T, 16, pattern, torch.float32)
+    outs, start = [], 0
+    for n in chunks:
+        pos = torch.arange(start, start + n).expand(2, n)
+        args = q[:, :, start:start + n], k[:, :, start:start + n], v[:, :, start:start + n], pos
+        if start == 0:
+            outs.append(blocksparse_prefill(*args[:3], pattern, 1 / 16))
+            cache.write(args[1], args[2], pos)
+        else:
+            assert cache.can_prefill_chunk(args[0], pos) == (start % pattern.block == 0)
+            fn = cache.prefill_chunk if cache.can_prefill_chunk(args[0], pos) else cache.attend
+            outs.append(fn(*args, 1 / 16))
+        start += n
+    assert (torch.cat(outs, 2) - expected).abs().max() < 1e-5
+
+
+def test_prefill_chunk_declines_what_it_cannot_take():
+    pattern = PATTERNS[0]
+    cache = SparseKVCache(2, 2, 64, 16, pattern, torch.float32)
+    q, k, v = qkv(pattern, 32)
+    cache.write(k[:, :, :16], v[:, :, :16], torch.arange(16).expand(2, 16))
+    pos = torch.arange(16, 32).expand(2, 16).clone()
+    assert cache.can_prefill_chunk(q[:, :, 16:], pos)
+    assert not cache.can_prefill_chunk(q[:, :, 16:17], pos[:, :1])  # one token: decode
+    assert not cache.can_prefill_chunk(q[:, :, 16:].bfloat16().half(), pos)  # no fused kernel for fp16
+    shifted = pos.clone()
+    shifted[1] -= 1  # row 1 is elsewhere
+    assert not cache.can_prefill_chunk(q[:, :, 16:], shifted)
+    assert not cache.can_prefill_chunk(q[:, :, 17:], pos[:, 1:])  # not where the cache ends
+
+
 def test_cache_keeps_only_attendable_keys():
     """Release pattern, 32 heads / 8 KV heads: a KV head keeps the 1024-position ring plus 4 of every 8
     blocks (its 4 query heads' phases), so at 32K a sparse layer holds ~0.53 of a dense cache."""

@@ -170,6 +170,8 @@ class SmallAttention(nn.Module):
             if cache is None:  # e.g. positions not starting at 0: a throwaway cache holds this call only
                 cache = SparseKVCache(q.shape[0], self.n_kv, int(positions.max()) + 1, self.head_dim,
                                       self.pattern, k.dtype, k.device)
+            if cache.can_prefill_chunk(q, positions):  # a long prompt's later chunks
+                return cache.prefill_chunk(q, k, v, positions, self.scale)
             return cache.attend(q, k, v, positions, self.scale)
         out = torch.zeros_like(q)
         for r, row in enumerate(positions):

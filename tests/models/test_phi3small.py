@@ -265,3 +265,23 @@ def test_bf16_decode_through_the_cache_follows_the_full_forward():
             ok = full > torch.finfo(torch.float32).min  # the dummy tokens' logits are masked alike
             worst = max(worst, float((step - full)[ok].abs().max() / full[ok].abs().max()))
     assert worst < 0.02
+
+
+def test_a_long_prompt_prefilled_in_chunks_takes_the_fused_path(monkeypatch):
+    """`generate`'s prefill goes chunk by chunk; every chunk after the first continues the sparse
+    layers' caches through `SparseKVCache.prefill_chunk` (the fused kernel), and the logits are the
+    reference's."""
+    from phi3.blocksparse import SparseKVCache
+    from phi3.generate import prefill
+
+    raw, sd, ours = make()
+    calls = []
+    original = SparseKVCache.prefill_chunk
+    monkeypatch.setattr(SparseKVCache, "prefill_chunk", lambda self, *a, **kw: calls.append(1) or original(self, *a, **kw))
+    ids = torch.randint(8, 120, (1, 150))
+    with torch.no_grad():
+        cache = ours.new_cache(1, 160)
+        got = prefill(ours, ids, torch.arange(150)[None], cache, seq_len=150, chunk=32)
+        expected = reference_logits(raw, sd, ids)[:, -1]
+    assert len(calls) == 2 * 4  # 2 sparse layers x the 4 chunks after the first
+    assert (got - expected).abs().max() < 1e-4
