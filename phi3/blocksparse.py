@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .layers import FLASH_WITH_LSE, fused_kernel_runs
+
 
 @dataclass(frozen=True)
 class SparsePattern:
@@ -67,9 +69,6 @@ def _vertical_positions(pattern: SparsePattern, before_block: int, device) -> tu
     return torch.where(valid, pos, 0), valid
 
 
-_FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
 def blocksparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern,
                         scale: float, chunk_blocks: int | None = None, band_blocks: int | None = None) -> torch.Tensor:
     """Block-sparse causal attention for a sequence at positions 0..T-1.
@@ -103,11 +102,6 @@ def blocksparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
     head_kv = torch.arange(H, device=q.device) // G
     k_vert, v_vert = k[:, head_kv[:, None], index], v[:, head_kv[:, None], index]
     return _fused_attention(q, 0, k, v, k_vert, v_vert, pattern, scale, chunk_blocks, band_blocks)
-
-
-def fused_kernel_runs(q: torch.Tensor) -> bool:
-    """Whether PyTorch's fused CPU flash kernel (with log-sum-exp) can take these queries."""
-    return _FUSED is not None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
 
 
 def _fused_attention(q: torch.Tensor, q_block: int, k: torch.Tensor, v: torch.Tensor, k_vert: torch.Tensor,
@@ -165,7 +159,7 @@ def _fused_attention(q: torch.Tensor, q_block: int, k: torch.Tensor, v: torch.Te
             n, first = shi - slo, max(0, s0 - NL + 1)
             m = band_mask(s0 - first, n, shi - first * B).expand(b, KV, G * n, shi - first * B)
             q_rows = q[:, :, slo - q_block * B:shi - q_block * B].reshape(b, KV, G * n, d)
-            o, lse = _FUSED(q_rows, k[:, :, first * B - k_lo:shi - k_lo], v[:, :, first * B - k_lo:shi - k_lo],
+            o, lse = FLASH_WITH_LSE(q_rows, k[:, :, first * B - k_lo:shi - k_lo], v[:, :, first * B - k_lo:shi - k_lo],
                             attn_mask=m, scale=scale)  # [b, KV, G*n, d], [b, KV, G*n]
             o_all[:, :, slo - lo:shi - lo] = o.reshape(b, H, n, d)
             lse_all[:, :, slo - lo:shi - lo] = lse.reshape(b, H, n)
@@ -186,7 +180,7 @@ def _fused_attention(q: torch.Tensor, q_block: int, k: torch.Tensor, v: torch.Te
         # A: whole vertical cycles before the first band of the chunk
         cyc_a = first // V
         if cyc_a:
-            o, lse = _FUSED(q_blk, k_vert[:, :, :cyc_a * B], v_vert[:, :, :cyc_a * B], scale=scale)
+            o, lse = FLASH_WITH_LSE(q_blk, k_vert[:, :, :cyc_a * B], v_vert[:, :, :cyc_a * B], scale=scale)
             parts.append((o, lse))
         # A2: vertical blocks from cycle cyc_a on that leave the band of some row of the chunk
         last_band = qb1 - NL + 1  # band start of the chunk's last block row
@@ -195,7 +189,7 @@ def _fused_attention(q: torch.Tensor, q_block: int, k: torch.Tensor, v: torch.Te
             m, has = tail_mask(qb0, cyc_a, n_cyc, n)
             if bool(has.any()):
                 sl = slice(cyc_a * B, (cyc_a + n_cyc) * B)
-                o, lse = _FUSED(q_blk, k_vert[:, :, sl], v_vert[:, :, sl], attn_mask=m.expand(b, -1, -1, -1),
+                o, lse = FLASH_WITH_LSE(q_blk, k_vert[:, :, sl], v_vert[:, :, sl], attn_mask=m.expand(b, -1, -1, -1),
                                 scale=scale)
                 parts.append((o, lse.masked_fill(~has, neg)))
         rows = slice(lo - q_block * B, hi - q_block * B)

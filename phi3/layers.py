@@ -253,6 +253,16 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
+# PyTorch's fused CPU flash-attention kernel, which also returns each row's log-sum-exp, so that
+# attention over parts of the keys can be merged exactly: (out [B, H, T, d], lse [B, H, T]) = f(q, k, v, ...)
+FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def fused_kernel_runs(q: torch.Tensor) -> bool:
+    """Whether FLASH_WITH_LSE can take these queries."""
+    return FLASH_WITH_LSE is not None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
+
+
 STACKED_ROWS = 256  # GQA queries per KV head up to which `attention` stacks them (decode, short chunks)
 
 
@@ -268,7 +278,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     `enable_gqa` takes a slower path there (one token over 32K keys, 32 / 8 heads, 2 threads: 78 vs
     23 ms in fp32, 122 vs 14 ms in bf16). One token goes through `_attend_one_token` (faster than
     SDPA at one row per head); up to STACKED_ROWS rows through SDPA, so that the repeated mask stays
-    small; longer chunks and causal prefill keep `enable_gqa`, which the flash kernel handles there."""
+    small. A longer prompt chunk continuing a cache (it sees all the past, itself causally) goes
+    through `_attend_past_then_chunk`; other chunks and causal prefill keep `enable_gqa`, which the
+    flash kernel handles there."""
     no_grad = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
     if no_grad and (mask is None or mask.shape[1] == 1) and cpu_kernels.can_attend_cache(q, k, v):
         lib = cpu_kernels.library()
@@ -288,8 +300,36 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         else:
             out = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale)
         return out.reshape(b, h, t, d)
+    if (no_grad and mask is not None and mask.shape[1] == 1 and 1 < t < S and fused_kernel_runs(q)
+            and _is_past_then_causal(mask, t, S)):
+        return _attend_past_then_chunk(q, k, v, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
                                           enable_gqa=kv != h)
+
+
+def _is_past_then_causal(mask: torch.Tensor, t: int, S: int) -> bool:
+    """mask [B, 1, T, S]: every query sees all S - T earlier keys, and the chunk's own keys causally
+    (a prompt chunk continuing a cache, no padding, no sliding window reaching back)."""
+    chunk = mask[..., S - t:]
+    return bool(mask[..., :S - t].all()) and torch.equal(chunk, torch.ones_like(chunk).tril_())
+
+
+def _attend_past_then_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """`attention` for a mask `_is_past_then_causal` accepts, in two flash calls merged by log-sum-exp:
+    the past keys without a mask (a KV head's queries stacked), the chunk's own keys causal (the flash
+    kernel then skips the upper triangle). An explicit mask would make every tile be computed (256
+    queries over 16K keys, 8 / 2 heads, fp32, 1 thread: 0.20 vs 0.27 s)."""
+    b, h, t, d = q.shape
+    kv, S = k.shape[1], k.shape[2]
+    g, past = h // kv, S - t
+    o_past, lse_past = FLASH_WITH_LSE(q.reshape(b, kv, g * t, d), k[:, :, :past], v[:, :, :past], scale=scale)
+    k_own, v_own = (x[:, :, past:].repeat_interleave(g, 1) for x in (k, v))  # [B, H, T, d]
+    o_own, lse_own = FLASH_WITH_LSE(q, k_own, v_own, is_causal=True, scale=scale)
+    lse_past = lse_past.reshape(b, h, t)
+    total = torch.logaddexp(lse_past, lse_own)
+    out = (o_past.reshape(b, h, t, d).float() * (lse_past - total).exp().unsqueeze(-1)
+           + o_own.float() * (lse_own - total).exp().unsqueeze(-1))
+    return out.to(q.dtype)
 
 
 def _attend_one_token(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -40,18 +40,21 @@ def attention_by_head(q, k, v, mask, scale):
     return s.softmax(-1) @ v
 
 
-@pytest.mark.parametrize("T,S", [(1, 300), (3, 40), (70, 200)])  # decode, a short chunk (stacked), a long one
+@pytest.mark.parametrize("T,S", [(1, 300), (3, 40), (70, 200), (300, 420)])  # decode, short chunks (stacked), long ones
 @pytest.mark.parametrize("KV", [2, 8])  # GQA 4:1 and plain multi-head
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_attention_over_a_cache(T, S, dtype, KV):
-    """GQA queries over a cache, the queries of a KV head stacked into one SDPA call (or the native
-    kernel for one bf16 query): the same as head-by-head attention, with a padded row and a scale."""
+@pytest.mark.parametrize("padded", [True, False])  # long chunk unpadded: past keys + causal chunk, two flash calls
+def test_attention_over_a_cache(T, S, dtype, KV, padded):
+    """Queries over a cache, whichever path `attention` takes (the queries of a KV head stacked into
+    one SDPA call, the native kernel for one bf16 query, past + causal chunk merged by log-sum-exp):
+    the same as head-by-head attention, with or without a padded row, with a scale."""
     from phi3.layers import attention, attention_mask
 
     B, H, d = 2, 8, 16
     q, k, v = (torch.randn(B, n, t, d).to(dtype) for n, t in ((H, T), (KV, S), (KV, S)))
     k_pos = torch.arange(S).expand(B, S).clone()
-    k_pos[1, :5] = -1  # row 1 left-padded
+    if padded:
+        k_pos[1, :5] = -1  # row 1 left-padded
     mask = attention_mask(k_pos[:, S - T:], k_pos, None)  # [B, 1, T, S]
     with torch.no_grad():
         got = attention(q, k, v, mask, scale=0.3)
