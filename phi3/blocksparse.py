@@ -7,13 +7,15 @@ Pattern (B = block size, NL = local blocks, V = vertical stride, query head h, q
 with step = 0 for a homogeneous pattern, else max(1, V // n_heads). So each query sees a local band of
 its own block and the NL - 1 before it, plus every V-th older block ("vertical" blocks, phase set by head).
 
-Two kernels, both exact:
+Kernels, all exact:
 - `blocksparse_prefill`: a whole sequence from position 0, one query block at a time; a block touches
   only its band (one contiguous key slice, shared by a KV head's query heads) and, per head, that
   head's vertical blocks before the band.
-- `SparseKVCache.attend`: decode and chunked prefill against a cache that keeps only what can still be
-  attended: a ring of the last NL·B positions, plus the vertical blocks of the heads that read each KV
-  head. With GQA the KV heads are shared, so a KV head keeps the union of its query heads' phases.
+- `SparseKVCache`: a cache that keeps only what can still be attended: a ring of the last NL·B
+  positions, plus the vertical blocks of the heads that read each KV head (with GQA the KV heads are
+  shared, so a KV head keeps the union of its query heads' phases). `prefill_chunk` runs a prompt
+  chunk that continues it through the same fused kernel as `blocksparse_prefill`; `attend` takes
+  anything else (decode, padded rows), each query head reading only its own phase's blocks.
 """
 
 from __future__ import annotations
