@@ -354,9 +354,17 @@ class SparseKVCache(nn.Module):
         """Whether `prefill_chunk` takes this chunk: every row continues its cached sequence at the same
         block-aligned position, without padding, on the fused CPU kernel."""
         start = int(q_pos[0, 0])
-        return (q.shape[2] > 1 and fused_kernel_runs(q) and start > 0 and start % self.pattern.block == 0
+        if not (q.shape[2] > 1 and fused_kernel_runs(q) and start > 0 and start % self.pattern.block == 0
                 and bool((self.lengths == start).all())
-                and torch.equal(q_pos, torch.arange(start, start + q.shape[2], device=q_pos.device).expand_as(q_pos)))
+                and torch.equal(q_pos, torch.arange(start, start + q.shape[2], device=q_pos.device).expand_as(q_pos))):
+            return False
+        band = self._band_before(start)  # and the ring holds the band before the chunk, in every row
+        return torch.equal(self.ring_pos[:, band % self.R], band.expand(self.ring_pos.shape[0], -1))
+
+    def _band_before(self, start: int) -> torch.Tensor:
+        """Positions of the band blocks before position `start` (a block boundary) that its block reads."""
+        B, NL = self.pattern.block, self.pattern.local_blocks
+        return torch.arange(max(0, start // B - NL + 1) * B, start, device=self.ring_pos.device)
 
     def prefill_chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float,
                       chunk_blocks: int | None = None, band_blocks: int | None = None) -> torch.Tensor:
@@ -365,11 +373,10 @@ class SparseKVCache(nn.Module):
         keys are the ring's last positions before the chunk plus the chunk's own, its vertical keys
         each head's slot of the store. q [b, H, Tq, d], k, v [b, KV, Tq, d] -> [b, H, Tq, d]; the chunk
         is written to the cache."""
-        B, NL = self.pattern.block, self.pattern.local_blocks
+        B = self.pattern.block
         start = int(q_pos[0, 0])
-        band_lo = max(0, start // B - NL + 1) * B
-        slots = torch.arange(band_lo, start, device=q.device) % self.R  # the ring holds the last R >= NL*B positions
-        k_band = torch.cat([self.ring_k[:, :, slots], k], 2)  # [b, KV, start + Tq - band_lo, d]
+        slots = self._band_before(start) % self.R  # the ring holds the last R >= NL*B positions
+        k_band = torch.cat([self.ring_k[:, :, slots], k], 2)  # [b, KV, NL*B - B + Tq at most, d]
         v_band = torch.cat([self.ring_v[:, :, slots], v], 2)
         self.write(k, v, q_pos)
         vk, vv, _ = self._vertical_view()  # [b, KV, P, n, d]

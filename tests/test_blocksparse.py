@@ -130,6 +130,11 @@ def test_prefill_chunk_declines_what_it_cannot_take():
     shifted[1] -= 1  # row 1 is elsewhere
     assert not cache.can_prefill_chunk(q[:, :, 16:], shifted)
     assert not cache.can_prefill_chunk(q[:, :, 17:], pos[:, 1:])  # not where the cache ends
+    gappy = SparseKVCache(2, 2, 64, 16, pattern, torch.float32)
+    written = torch.arange(16).expand(2, 16).clone()
+    written[1, 10] = -1  # row 1 never got position 10 (its length is still 16)
+    gappy.write(k[:, :, :16], v[:, :, :16], written)
+    assert not gappy.can_prefill_chunk(q[:, :, 16:], pos)
 
 
 def test_cache_keeps_only_attendable_keys():
