@@ -278,9 +278,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     `enable_gqa` takes a slower path there (one token over 32K keys, 32 / 8 heads, 2 threads: 78 vs
     23 ms in fp32, 122 vs 14 ms in bf16). One token goes through `_attend_one_token` (faster than
     SDPA at one row per head); up to STACKED_ROWS rows through SDPA, so that the repeated mask stays
-    small. A longer prompt chunk continuing a cache (it sees all the past, itself causally) goes
-    through `_attend_past_then_chunk`; other chunks and causal prefill keep `enable_gqa`, which the
-    flash kernel handles there."""
+    small. A mask that is plain causal runs as `is_causal`; a longer prompt chunk continuing a cache
+    (it sees all the past, itself causally) goes through `_attend_past_then_chunk`; other chunks and
+    causal prefill keep `enable_gqa`, which the flash kernel handles there."""
     no_grad = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
     if no_grad and (mask is None or mask.shape[1] == 1) and cpu_kernels.can_attend_cache(q, k, v):
         lib = cpu_kernels.library()
@@ -300,9 +300,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         else:
             out = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale)
         return out.reshape(b, h, t, d)
-    if (no_grad and mask is not None and mask.shape[1] == 1 and 1 < t < S and fused_kernel_runs(q)
-            and _is_past_then_causal(mask, t, S)):
-        return _attend_past_then_chunk(q, k, v, scale)
+    if mask is not None and mask.shape[1] == 1 and 1 < t <= S and _is_past_then_causal(mask, t, S):
+        if t == S:  # plain causal: the flash kernel skips the upper triangle instead of masking it
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=kv != h)
+        if no_grad and fused_kernel_runs(q):
+            return _attend_past_then_chunk(q, k, v, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
                                           enable_gqa=kv != h)
 

@@ -40,7 +40,7 @@ def attention_by_head(q, k, v, mask, scale):
     return s.softmax(-1) @ v
 
 
-@pytest.mark.parametrize("T,S", [(1, 300), (3, 40), (70, 200), (300, 420)])  # decode, short chunks (stacked), long ones
+@pytest.mark.parametrize("T,S", [(1, 300), (3, 40), (70, 200), (300, 420), (300, 300)])  # decode, short chunks (stacked), long ones, a whole prompt
 @pytest.mark.parametrize("KV", [2, 8])  # GQA 4:1 and plain multi-head
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("padded", [True, False])  # long chunk unpadded: past keys + causal chunk, two flash calls
