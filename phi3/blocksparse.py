@@ -284,14 +284,17 @@ class SparseKVCache(nn.Module):
             for i, ph in enumerate(ps):
                 slot_of_phase[g, ph], phase_of_slot[g, i] = i, ph
         # the query heads reading each slot, as rows of a [KV, P, M] table (M = most heads on one slot;
-        # -1 = none): a slot's queries are stacked into one matmul against its keys
+        # -1 = none): a slot's queries are stacked into one matmul against its keys; query head j of
+        # KV head g is row head_row[g, j] of slot head_slot[g, j]
         head_slot = slot_of_phase.gather(1, phases)  # [KV, G]
         M = max(int((head_slot[g] == i).sum()) for g in range(kv_heads) for i in range(P))
         slot_heads = torch.full((kv_heads, P, M), -1, dtype=torch.long)
+        head_row = torch.zeros(kv_heads, group, dtype=torch.long)
         for g in range(kv_heads):
             for i in range(P):
                 heads = torch.nonzero(head_slot[g] == i).flatten()
                 slot_heads[g, i, :heads.numel()] = heads
+                head_row[g, heads] = torch.arange(heads.numel())
         self.R = min(pattern.local_blocks * B, max_len)
         self.cycles = max(1, math.ceil(max_len / (V * B)))
         kw = dict(dtype=dtype, device=device)
@@ -304,6 +307,7 @@ class SparseKVCache(nn.Module):
         self.register_buffer("slot_of_phase", slot_of_phase.to(device), persistent=False)
         self.register_buffer("head_slot", head_slot.to(device), persistent=False)  # [KV, G]
         self.register_buffer("slot_heads", slot_heads.to(device), persistent=False)  # [KV, P, M]
+        self.register_buffer("head_row", head_row.to(device), persistent=False)  # [KV, G]
         self.register_buffer("lengths", torch.zeros(batch, dtype=torch.long, device=device), persistent=False)
         # position held by each vertical-store entry, like the store: [KV, P, cycles·B] (-1: unused slot)
         block = phase_of_slot[:, :, None] + V * torch.arange(self.cycles)  # [KV, P, cycles]
@@ -414,7 +418,7 @@ class SparseKVCache(nn.Module):
         s_ring = torch.matmul(self.ring_k, qg.transpose(-1, -2)).transpose(-1, -2).float().reshape(b, KV, G, Tq, self.R)
         s_ring = s_ring.mul_(scale).masked_fill_(~ring_ok[:, :, None], neg)
 
-        # vertical: per slot, its heads' queries stacked: [b, KV, P, M*Tq, d] (a missing head: zeros)
+        # vertical: per slot, its heads' queries stacked: [b, KV, P, M*Tq, d] (a padding entry repeats head 0; its rows are never read back)
         vk, vv, vpos = self._vertical_view()  # [b, KV, P, n, d], [KV, P, n]
         n = vpos.shape[-1]
         heads = self.slot_heads.clamp(min=0)  # [KV, P, M]
@@ -426,10 +430,8 @@ class SparseKVCache(nn.Module):
         vert_ok = ((vpos >= 0) & (vpos < self.lengths[:, None, None, None, None, None])
                    & (qb[:, :, None, None] - vpos // B >= NL) & q_ok[:, :, None, None])  # [b, KV, P, 1, Tq, n]
         s_vert.masked_fill_(~vert_ok, neg)
-        # back to heads: head j of KV head g reads slot head_slot[g, j], row of j in that slot's table
-        row = (self.slot_heads[:, :, :, None] == torch.arange(G, device=q.device)).int().argmax(2)  # [KV, P, G]
-        row_of_head = row.gather(1, self.head_slot[:, None, :]).squeeze(1)  # [KV, G]
-        s_vert_h = s_vert[:, kv_idx[..., 0], self.head_slot, row_of_head]  # [b, KV, G, Tq, n]
+        # back to heads: head j of KV head g is row head_row[g, j] of slot head_slot[g, j]
+        s_vert_h = s_vert[:, kv_idx[..., 0], self.head_slot, self.head_row]  # [b, KV, G, Tq, n]
 
         # the chunk itself: [b, KV, G, Tq, Tq]
         new_ok = p.allowed(q_pos, q_pos).view(b, KV, G, Tq, Tq)
@@ -444,6 +446,6 @@ class SparseKVCache(nn.Module):
         # vertical values per slot: the probabilities of a slot's heads stacked like their queries
         p_slot = p_vert[:, kv_idx, heads]  # [b, KV, P, M, Tq, n]; rows of padding heads are never read back
         o_slot = torch.matmul(p_slot.reshape(b, KV, P, M * Tq, n), vv).view(b, KV, P, M, Tq, d)
-        out = out + o_slot[:, kv_idx[..., 0], self.head_slot, row_of_head]
+        out = out + o_slot[:, kv_idx[..., 0], self.head_slot, self.head_row]
         self.write(k, v, q_pos)
         return out.reshape(b, H, Tq, d)
