@@ -142,9 +142,9 @@ def load_build(isa: str) -> ctypes.CDLL | None:
     lib.phi3_attend_f16.restype = None
     lib.phi3_attend_bf16.argtypes = [p, p, p, p, p, i, i, i, i, i, i, f, i]
     lib.phi3_attend_bf16.restype = None
-    lib.phi3_decode_attend_f16.argtypes = [p, p, p, p, p, p, p, i, i, i, i, p, i, i, i, f, i]
+    lib.phi3_decode_attend_f16.argtypes = [p, p, p, p, p, p, p, i, i, i, i, p, i, i, i, i, f, i]
     lib.phi3_decode_attend_f16.restype = None
-    lib.phi3_decode_layers.argtypes = [p, i, i, p, i, f, i, i, i, i, p, p, i, i, p, i, p, f, i]
+    lib.phi3_decode_layers.argtypes = [p, i, i, p, i, f, i, i, i, i, p, p, i, i, p, i, i, p, f, i]
     lib.phi3_decode_layers.restype = None
     lib.phi3_rms_norm.argtypes = [p, p, f, i, i, p]
     lib.phi3_rms_norm.restype = None
@@ -585,10 +585,12 @@ MAX_HEAD_DIM = 512  # as in the C file
 
 
 def decode_attend_f16(lib, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                      v_cache: torch.Tensor, start: int, mask: torch.Tensor | None, n_heads: int, n_kv: int) -> torch.Tensor:
+                      v_cache: torch.Tensor, start: int, mask: torch.Tensor | None, n_heads: int, n_kv: int,
+                      lo: int = 0) -> torch.Tensor:
     """One decode step of attention from the fused projection, in one call: qkv fp32 [B, 1, (H + 2·KV)·D];
     cos, sin fp32 broadcastable to [B, 1, 1, rot]; the fp16 caches [B, KV, L, D] get the new key (rotated)
-    and value at slot `start`; mask bool broadcastable to [B, 1, 1, start + 1] or None.
+    and value at slot `start`; mask bool broadcastable to [B, 1, 1, start + 1] or None; slots before `lo`
+    are visible to no row (`layers.first_visible_key`) and are not read.
     Returns fp32 [B, 1, H·D]: the same as RoPE + `KVCache.update` + `attend_cache` (see `Attention`)."""
     b, _, width = qkv.shape
     d, length, rot = k_cache.shape[-1], k_cache.shape[2], cos.shape[-1]
@@ -601,7 +603,7 @@ def decode_attend_f16(lib, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     out = torch.empty(b, 1, n_heads * d)
     lib.phi3_decode_attend_f16(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                                None if valid is None else valid.data_ptr(), out.data_ptr(), b, n_heads, n_kv, length,
-                               starts.data_ptr(), s, d, rot, d ** -0.5, torch.get_num_threads())
+                               starts.data_ptr(), lo, s, d, rot, d ** -0.5, torch.get_num_threads())
     return out
 
 

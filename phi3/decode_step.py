@@ -26,7 +26,7 @@ import os
 import torch
 
 from . import cpu_kernels
-from .layers import Attention, Bf16Linear, GatedMLP, RMSNorm
+from .layers import Attention, Bf16Linear, GatedMLP, RMSNorm, first_visible_key
 
 _p, _i = ctypes.c_void_p, ctypes.c_int
 
@@ -90,7 +90,7 @@ class DecodeStep:
         """x [B, 1, D] (the embedded new tokens; fp32, or bf16 for a bf16 model) -> the last layer's
         output [B, 1, D] in x's dtype; cos, sin [B, 1, 1, rot]; `start` the slot of the new tokens: an
         int, or LongTensor [B] (a slot per row, then `mask` is required); mask bool [B, 1, 1, max(start) + 1]
-        or None."""
+        or None; the slots before the first one some row may see (behind a sliding window) are not read."""
         b, rot, dtype = x.shape[0], cos.shape[-1], x.dtype
         starts = torch.full((b,), start, dtype=torch.int32) if isinstance(start, int) else start.to(torch.int32)
         s = int(starts.max()) + 1
@@ -102,7 +102,8 @@ class DecodeStep:
         cpu_kernels.library().phi3_decode_layers(
             x.data_ptr(), b, self.hidden, self.layers, self.n_layers, self.eps, self.heads, self.kv_heads,
             self.head_dim, self.intermediate, cos.data_ptr(), sin.data_ptr(), rot, self.max_len, starts.data_ptr(),
-            s, None if valid is None else valid.data_ptr(), self.head_dim ** -0.5, torch.get_num_threads())
+            first_visible_key(valid), s, None if valid is None else valid.data_ptr(), self.head_dim ** -0.5,
+            torch.get_num_threads())
         return x.to(dtype)
 
 

@@ -238,7 +238,7 @@ class Attention(nn.Module):
             lib = cpu_kernels.library()
             if lib is not None:  # one native call: RoPE, cache write, attention (quantized models' decode)
                 out = cpu_kernels.decode_attend_f16(lib, qkv, cos, sin, cache.k, cache.v, cache_start, mask,
-                                                    self.n_heads, self.n_kv)
+                                                    self.n_heads, self.n_kv, first_visible_key(mask))
                 return self.o_proj(out)
         qkv = qkv.view(b, t, self.n_heads + 2 * self.n_kv, self.head_dim)
         # split (its backward is one concatenation; slicing would zero-fill a full-size gradient per
@@ -282,6 +282,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     (it sees all the past, itself causally) goes through `_attend_past_then_chunk`; other chunks and
     causal prefill keep `enable_gqa`, which the flash kernel handles there."""
     no_grad = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    if no_grad and mask is not None and not torch.compiler.is_compiling():
+        lo = first_visible_key(mask)
+        if lo:  # keys a sliding window has left behind for every query: not read
+            k, v, mask = k[:, :, lo:], v[:, :, lo:], mask[..., lo:]
     if no_grad and (mask is None or mask.shape[1] == 1) and cpu_kernels.can_attend_cache(q, k, v):
         lib = cpu_kernels.library()
         if lib is not None:
@@ -307,6 +311,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
             return _attend_past_then_chunk(q, k, v, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
                                           enable_gqa=kv != h)
+
+
+def first_visible_key(mask: torch.Tensor | None) -> int:
+    """The first key slot that some query may see under `mask` (bool [..., S], True = attend), 0 without
+    a mask: a sliding window leaves the keys before it behind, and attention need not read them."""
+    if mask is None or bool(mask[..., 0].any()):
+        return 0
+    seen = mask.reshape(-1, mask.shape[-1]).any(0)  # [S]
+    return int(seen.to(torch.uint8).argmax())  # the first True (none: 0)
 
 
 def _is_past_then_causal(mask: torch.Tensor, t: int, S: int) -> bool:

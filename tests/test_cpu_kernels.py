@@ -285,6 +285,29 @@ def test_fused_decode_attention_is_bit_identical_to_the_unfused_path(preset, mon
 
 
 @needs_native
+def test_fused_decode_attention_does_not_read_slots_before_lo():
+    """`lo`: the slots before it are visible to no row (a sliding window has passed them). The kernel
+    must not read them: here they hold other keys and values and `valid` marks them visible, and the
+    result is still attention over slots lo .. S-1 alone."""
+    b, h, kv, d, L, start, lo = 2, 8, 2, 32, 64, 40, 25
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(b, 1, (h + 2 * kv) * d, generator=g)
+    cos, sin = torch.ones(1, 1, 1, d), torch.zeros(1, 1, 1, d)  # position 0: no rotation
+    k, v = torch.randn(b, kv, L, d, generator=g).half(), torch.randn(b, kv, L, d, generator=g).half()
+    visible = torch.ones(b, 1, 1, start + 1, dtype=torch.bool)
+    outs = []
+    for fill in (0.0, 100.0):
+        kc, vc = k.clone(), v.clone()
+        kc[:, :, :lo], vc[:, :, :lo] = fill, fill
+        outs.append(cpu_kernels.decode_attend_f16(lib, qkv, cos, sin, kc, vc, start, visible, h, kv, lo))
+    window = visible.clone()
+    window[..., :lo] = False
+    expected = cpu_kernels.decode_attend_f16(lib, qkv, cos, sin, k.clone(), v.clone(), start, window, h, kv)
+    for out in outs:  # the same keys, summed in another order (the 8-key blocks start at lo)
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+@needs_native
 @pytest.mark.parametrize("n,k", [(37, 64), (80, 259), (5, 44), (8, 3072)])
 def test_bf16_kernel_equals_float64_product(n, k):
     """Dense bf16 weights, 1..3 tokens (the decode sizes): fp32 sums of the exact bf16 values, so

@@ -177,6 +177,26 @@ def test_the_generator_uses_it_and_gives_the_module_paths_tokens(monkeypatch):
     assert native == tokens(False)
 
 
+def test_the_step_does_not_read_slots_behind_the_sliding_window(monkeypatch):
+    """Past the window, each step hands the kernel the first slot its token can see (`lo`), so the
+    keys the window has left behind are not read (what the kernel does with `lo`:
+    test_cpu_kernels.py); the tokens are the module path's."""
+    model = quantized("phi-3-mini-4k-instruct")
+    w = model.config.sliding_window
+    prompt = torch.randint(3, 256, (10,)).tolist()
+    los = []
+    real = lib.phi3_decode_layers
+    monkeypatch.setattr(lib, "phi3_decode_layers", lambda *a: los.append(a[15]) or real(*a))
+    params = SamplingParams(max_new_tokens=model.config.max_position_embeddings - len(prompt))  # the whole context
+    native = [t[0] for t in generate_tokens(model, [prompt], params)]
+    monkeypatch.undo()
+    # the decode step of the token at position (= slot) p sees slots p - w + 1 .. p
+    assert los == [max(0, p - w + 1) for p in range(len(prompt), len(prompt) + params.max_new_tokens - 1)]
+    assert max(los) > 0 and len(native) == params.max_new_tokens
+    monkeypatch.setenv("PHI3_DECODE_STEP", "0")
+    assert native == [t[0] for t in generate_tokens(model, [prompt], params)]
+
+
 def test_it_declines_what_it_does_not_compute():
     cfg = ModelConfig.from_hf_dict(scaled_down("phi-3-mini-4k-instruct", vocab=256))
     dense = Phi3ForCausalLM(cfg).eval()

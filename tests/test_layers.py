@@ -62,3 +62,52 @@ def test_attention_over_a_cache(T, S, dtype, KV, padded):
     assert got.shape == (B, H, T, d)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (got.double() - expected).abs().max() < tol
+
+
+def test_first_visible_key():
+    from phi3.layers import attention_mask, first_visible_key
+
+    k_pos = torch.arange(40).expand(2, 40).clone()
+    assert first_visible_key(None) == 0
+    assert first_visible_key(attention_mask(k_pos[:, 30:], k_pos, None)) == 0  # no window: everything
+    assert first_visible_key(attention_mask(k_pos[:, 39:], k_pos, 15)) == 25  # decode: the last 15 keys
+    assert first_visible_key(attention_mask(k_pos[:, 30:], k_pos, 15)) == 16  # a chunk: its first query's window
+    k_pos[1] = torch.arange(40) - 3  # row 1 three slots behind (left-padded): its window starts later
+    k_pos[1, :3] = -1
+    assert first_visible_key(attention_mask(k_pos[:, 39:], k_pos, 15)) == 25
+    k_pos[0] = torch.arange(40) - 20  # row 0 twenty behind: it still sees slot 20
+    k_pos[0, :20] = -1
+    assert first_visible_key(attention_mask(k_pos[:, 39:], k_pos, 15)) == 25
+    k_pos[0, 20:] = -1  # row 0 all padding: a padding query may see everything (softmax stays finite)
+    assert first_visible_key(attention_mask(k_pos[:, 39:], k_pos, 15)) == 0
+
+
+@pytest.mark.parametrize("T", [1, 4, 64])  # decode, a short chunk (stacked), a long one
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])  # fp16 / bf16: native decode
+def test_attention_does_not_read_keys_behind_the_sliding_window(T, dtype, monkeypatch):
+    """Slots that no query's window reaches hold NaN: `attention` leaves them out (an explicit mask
+    would turn them into NaN outputs on SDPA's paths; the native decode kernel is handed only the
+    window) and equals attention over the window."""
+    from phi3 import cpu_kernels
+    from phi3.layers import attention, attention_mask
+
+    native_keys = []
+    real = cpu_kernels.attend_cache
+    monkeypatch.setattr(cpu_kernels, "attend_cache", lambda lib, q, k, *a: native_keys.append(k.shape[2]) or
+                        real(lib, q, k, *a))
+
+    B, H, KV, d, S, W = 2, 8, 2, 16, 200, 50
+    q = torch.randn(B, H, T, d)
+    k, v = torch.randn(B, KV, S, d).to(dtype), torch.randn(B, KV, S, d).to(dtype)
+    k_pos = torch.arange(S).expand(B, S)
+    mask = attention_mask(k_pos[:, S - T:], k_pos, W)  # [B, 1, T, S]
+    lo = S - T + 1 - W
+    k[:, :, :lo], v[:, :, :lo] = float("nan"), float("nan")
+    with torch.no_grad():
+        got = attention(q.to(dtype) if dtype == torch.float32 else q, k, v, mask, scale=0.3)
+    expected = attention_by_head(q, k[:, :, lo:], v[:, :, lo:], mask[..., lo:], 0.3)
+    assert not got.isnan().any()
+    if T == 1 and dtype != torch.float32 and cpu_kernels.library() is not None:
+        assert native_keys == [S - lo]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (got.double() - expected).abs().max() < tol

@@ -1240,12 +1240,13 @@ static void store_bf16(const float *x, int D, uint16_t *dst) {
 /* One decode step of attention for B rows, straight from the fused projection: qkv fp32 [B, (H + 2·KV)·D]
  * ([Q | K | V] heads); cos, sin fp32 [B, rot] for each row's new position. Row b's new key (rotated)
  * and value go into slot starts[b] of the fp16 (with `bf16`: bf16) caches k, v [B, KV, L, D]; each query head (rotated)
- * then attends over slots 0 .. S-1 with `valid` uint8 [B, S] (which must hide what a row may not
- * see when the rows' slots differ) or NULL; out fp32 [B, H·D].
+ * then attends over slots lo .. S-1 with `valid` uint8 [B, S] (which must hide what a row may not
+ * see when the rows' slots differ) or NULL; out fp32 [B, H·D]. Slots before `lo` are visible to no row
+ * (a sliding window has left them behind): they are not read.
  * Replaces ~25 small tensor operations per layer (split, RoPE, transposes, cache writes, casts). */
 static void decode_attend(const float *qkv, const float *cos, const float *sin, uint16_t *k, uint16_t *v,
-                          const uint8_t *valid, float *out, int B, int H, int KV, int L, const int *starts, int S,
-                          int D, int rot, float scale, int nthreads, int bf16) {
+                          const uint8_t *valid, float *out, int B, int H, int KV, int L, const int *starts, int lo,
+                          int S, int D, int rot, float scale, int nthreads, int bf16) {
     const int W = (H + 2 * KV) * D, group = H / KV;
     float tmp[MAX_HEAD_DIM];
     for (int b = 0; b < B; b++)
@@ -1255,25 +1256,27 @@ static void decode_attend(const float *qkv, const float *cos, const float *sin, 
             (bf16 ? store_bf16 : store_f16)(tmp, D, k + slot);
             (bf16 ? store_bf16 : store_f16)(qkv + (size_t)b * W + (size_t)(H + KV + j) * D, D, v + slot);
         }
-    const size_t scratch = sizeof(float) * (size_t)((S + 7) & ~7) + 32;
+    const int n = S - lo;  /* keys attended: slots lo .. S-1 */
+    const size_t scratch = sizeof(float) * (size_t)((n + 7) & ~7) + 32;
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int bh = 0; bh < B * H; bh++) {
         const int b = bh / H, h = bh % H;
         float qr[MAX_HEAD_DIM];
         float *p = aligned_alloc(32, scratch & ~(size_t)31);
         rope_head(qkv + (size_t)b * W + (size_t)h * D, cos + (size_t)b * rot, sin + (size_t)b * rot, rot, D, qr);
-        const uint16_t *kh = k + ((size_t)b * KV + h / group) * L * D, *vh = v + ((size_t)b * KV + h / group) * L * D;
-        const uint8_t *ok = valid ? valid + (size_t)b * S : NULL;
-        if (bf16) attend_head_t(qr, kh, vh, ok, S, D, scale, out + (size_t)bh * D, p, 1);
-        else attend_head_t(qr, kh, vh, ok, S, D, scale, out + (size_t)bh * D, p, 0);
+        const size_t first = (((size_t)b * KV + h / group) * L + lo) * D;
+        const uint16_t *kh = k + first, *vh = v + first;
+        const uint8_t *ok = valid ? valid + (size_t)b * S + lo : NULL;
+        if (bf16) attend_head_t(qr, kh, vh, ok, n, D, scale, out + (size_t)bh * D, p, 1);
+        else attend_head_t(qr, kh, vh, ok, n, D, scale, out + (size_t)bh * D, p, 0);
         free(p);
     }
 }
 
 void phi3_decode_attend_f16(const float *qkv, const float *cos, const float *sin, uint16_t *k, uint16_t *v,
-                            const uint8_t *valid, float *out, int B, int H, int KV, int L, const int *starts, int S,
-                            int D, int rot, float scale, int nthreads) {
-    decode_attend(qkv, cos, sin, k, v, valid, out, B, H, KV, L, starts, S, D, rot, scale, nthreads, 0);
+                            const uint8_t *valid, float *out, int B, int H, int KV, int L, const int *starts, int lo,
+                            int S, int D, int rot, float scale, int nthreads) {
+    decode_attend(qkv, cos, sin, k, v, valid, out, B, H, KV, L, starts, lo, S, D, rot, scale, nthreads, 0);
 }
 
 /* GGUF Q4_0 / Q4_1 blocks -> the portable int4 layout (low nibble = even column). Each block of
@@ -1360,10 +1363,10 @@ void phi3_swiglu(const float *gu, int M, int I, float *out) { swiglu_rows(gu, M,
 /* x fp32 [B, D] (one new token per row, the residual stream) through `n_layers` layers, in place.
  * H query heads and KV key/value heads of hd channels; intermediate size I; cos, sin fp32 [B, rot]
  * for each row's position; caches hold L slots, row b's new token goes to slot starts[b]; attention
- * over slots 0 .. S-1 with valid uint8 [B, S] or NULL (see `phi3_decode_attend_f16`). */
+ * over slots lo .. S-1 with valid uint8 [B, S] or NULL (see `phi3_decode_attend_f16`). */
 void phi3_decode_layers(float *x, int B, int D, const phi3_layer *layers, int n_layers, float eps, int H, int KV,
                         int hd, int I, const float *cos, const float *sin, int rot, int L, const int *starts,
-                        int S, const uint8_t *valid, float scale, int nthreads) {
+                        int lo, int S, const uint8_t *valid, float scale, int nthreads) {
     const size_t W = (size_t)(H + 2 * KV) * hd;
     float *h = malloc(sizeof(float) * (size_t)B * (D + W + (size_t)H * hd + 3 * (size_t)I + D));
     float *qkv = h + (size_t)B * D, *att = qkv + (size_t)B * W, *gu = att + (size_t)B * H * hd;
@@ -1372,7 +1375,7 @@ void phi3_decode_layers(float *x, int B, int D, const phi3_layer *layers, int n_
         const phi3_layer *ly = layers + l;
         rms_norm_rows(x, ly->ln1, eps, B, D, h);
         linear_forward(&ly->qkv, h, B, qkv, nthreads);
-        decode_attend(qkv, cos, sin, ly->k, ly->v, valid, att, B, H, KV, L, starts, S, hd, rot, scale, nthreads,
+        decode_attend(qkv, cos, sin, ly->k, ly->v, valid, att, B, H, KV, L, starts, lo, S, hd, rot, scale, nthreads,
                       ly->kv_bf16);
         linear_forward(&ly->o, att, B, y, nthreads);
         for (size_t i = 0; i < (size_t)B * D; i++) x[i] += y[i];
