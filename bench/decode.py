@@ -8,6 +8,8 @@ values) written once as our bf16 HF checkpoint and as a GGUF F16 by `phi3.gguf_e
 own quantizer makes Q4_0, Q8_0, Q4_K_M, Q5_K_M, Q3_K_M and IQ4_XS from that F16 file (those the chosen
 engines need); `phi3 quantize --bits 4 --group-size 64` makes our int4 checkpoint (int8 head and
 embedding table, the defaults).
+llama.cpp runs with llama-cpp-python's defaults (flash attention off); `llama.cpp Q4_0 flash-attn`
+turns it on (faster prefill, slower decode on CPUs: BENCHMARKS.md, run 16).
 Every engine then runs in a fresh subprocess (so peak RSS is its own), engines interleaved,
 `--rounds` times: load, prefill of --prompt tokens, --new greedy tokens. Our int4/int8 load the
 llama.cpp Q4_0/Q8_0 files natively, so both sides multiply the very same quantized weights.
@@ -38,6 +40,7 @@ ENGINES = {  # name -> (artifact, kind[, extra environment])
     "phi3 int4 (Q4_0 file)": ("q4_0.gguf", "ours"),
     "phi3 int4 (Q4_0 file) 2-level act.": ("q4_0.gguf", "ours", {"PHI3_ACTIVATION_LEVELS": "2"}),
     "llama.cpp Q4_0": ("q4_0.gguf", "llama"),
+    "llama.cpp Q4_0 flash-attn": ("q4_0.gguf", "llama-fa"),  # llama-cpp-python's default is off
     "phi3 int4 (Q4_K_M file)": ("q4_k_m.gguf", "ours"),
     "llama.cpp Q4_K_M": ("q4_k_m.gguf", "llama"),
     "phi3 (Q5_K_M file)": ("q5_k_m.gguf", "ours"),
@@ -57,7 +60,8 @@ PAIRS = [("phi3 int4 (Q4_0 file)", "llama.cpp Q4_0"), ("phi3 int4 (Q4_0 file) 2-
          ("phi3 int4 (Q4_K_M file)", "llama.cpp Q4_K_M"), ("phi3 (Q5_K_M file)", "llama.cpp Q5_K_M"),
          ("phi3 (Q3_K_M file)", "llama.cpp Q3_K_M"), ("phi3 (IQ4_XS file)", "llama.cpp IQ4_XS"),
          ("phi3 int8 (Q8_0 file)", "llama.cpp Q8_0"),
-         ("phi3 int4 g64 (ours)", "llama.cpp Q4_0"), ("phi3 bf16", "llama.cpp F16")]
+         ("phi3 int4 g64 (ours)", "llama.cpp Q4_0"), ("phi3 int4 g64 (ours)", "llama.cpp Q4_0 flash-attn"),
+         ("phi3 bf16", "llama.cpp F16")]
 
 
 # ---- set-up ------------------------------------------------------------------------------------
@@ -155,11 +159,11 @@ def run_child(kind: str, path: Path, threads: int, prompt_len: int, new: int) ->
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(100, 30000, (prompt_len,), generator=gen).tolist()
     t0 = time.perf_counter()
-    if kind == "llama":
+    if kind in ("llama", "llama-fa"):
         import llama_cpp
         import numpy as np
         llm = llama_cpp.Llama(str(path), n_ctx=prompt_len + new + 8, n_batch=512, n_threads=threads,
-                              n_threads_batch=threads, verbose=False)
+                              n_threads_batch=threads, flash_attn=kind == "llama-fa", verbose=False)
         load = time.perf_counter() - t0
         t1 = time.perf_counter()
         def last_logits():
