@@ -1,7 +1,7 @@
 """phi3: the Phi-3 model family end to end."""
 
 from .errors import CheckpointError, ConfigError, Phi3Error
-from .generate import SamplingParams
+from .generate import PromptCache, SamplingParams
 
 __version__ = "0.1.0"
 
@@ -18,4 +18,4 @@ def load(model=None, dtype=None, dequantize=False, quantize=None, group_size=64)
     return _load(model, dtype, dequantize, quantize, group_size)
 
 
-__all__ = ["load", "SamplingParams", "Phi3Error", "CheckpointError", "ConfigError", "__version__"]
+__all__ = ["load", "PromptCache", "SamplingParams", "Phi3Error", "CheckpointError", "ConfigError", "__version__"]

@@ -13,7 +13,7 @@ import torch
 from .checkpoint import build_model, default_dtype, load_hf_checkpoint
 from .config import ModelConfig
 from .errors import CheckpointError, Phi3Error
-from .generate import Completion, Delta, SamplingParams, complete, stream
+from .generate import Completion, Delta, PromptCache, SamplingParams, complete, stream
 from .models.phi3 import Phi3ForCausalLM
 from .tokenizer import Tokenizer
 
@@ -44,12 +44,16 @@ class LanguageModel:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     # ---- generation ----------------------------------------------------------------------------
-    def stream_ids(self, prompt_ids: list[int], continuation: bool = False, **sampling) -> Iterator[Delta]:
+    # `prompt_cache` (a `PromptCache`, one conversation): keeps the KV cache between calls, so a prompt
+    # that begins with the previous call's tokens (a chat's history) prefills only what is new.
+    def stream_ids(self, prompt_ids: list[int], continuation: bool = False, prompt_cache: PromptCache | None = None,
+                   **sampling) -> Iterator[Delta]:
         """Text deltas for a tokenised prompt; `continuation=True` for plain completion (see generate.stream)."""
-        return stream(self.model, self.tokenizer, prompt_ids, SamplingParams(**sampling), continuation)
+        return stream(self.model, self.tokenizer, prompt_ids, SamplingParams(**sampling), continuation, prompt_cache)
 
-    def complete_ids(self, prompts: list[list[int]], continuation: bool = False, **sampling) -> list[Completion]:
-        return complete(self.model, self.tokenizer, prompts, SamplingParams(**sampling), continuation)
+    def complete_ids(self, prompts: list[list[int]], continuation: bool = False,
+                     prompt_cache: PromptCache | None = None, **sampling) -> list[Completion]:
+        return complete(self.model, self.tokenizer, prompts, SamplingParams(**sampling), continuation, prompt_cache)
 
     def generate(self, prompt: str | list[str], **sampling) -> str | list[str]:
         """Plain completion (no chat template). A list of prompts is generated as one batch."""
@@ -60,11 +64,13 @@ class LanguageModel:
     def stream(self, prompt: str, **sampling) -> Iterator[str]:
         return (d.text for d in self.stream_ids(self.encode(prompt), continuation=True, **sampling) if d.text)
 
-    def chat(self, messages: str | list[dict], **sampling) -> str:
-        return self.complete_ids([self.chat_prompt(messages)], **sampling)[0].text
+    def chat(self, messages: str | list[dict], prompt_cache: PromptCache | None = None, **sampling) -> str:
+        return self.complete_ids([self.chat_prompt(messages)], prompt_cache=prompt_cache, **sampling)[0].text
 
-    def chat_stream(self, messages: str | list[dict], **sampling) -> Iterator[str]:
-        return (d.text for d in self.stream_ids(self.chat_prompt(messages), **sampling) if d.text)
+    def chat_stream(self, messages: str | list[dict], prompt_cache: PromptCache | None = None,
+                    **sampling) -> Iterator[str]:
+        return (d.text for d in self.stream_ids(self.chat_prompt(messages), prompt_cache=prompt_cache, **sampling)
+                if d.text)
 
 
 # ---- loading --------------------------------------------------------------------------------------
@@ -168,4 +174,4 @@ def load(model: str | os.PathLike | None = None, dtype: str | torch.dtype | None
     return LanguageModel(net, tok, str(path))
 
 
-__all__ = ["LanguageModel", "load", "Phi3Error"]
+__all__ = ["LanguageModel", "PromptCache", "load", "Phi3Error"]

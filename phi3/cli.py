@@ -55,7 +55,26 @@ def _print_stream(chunks) -> str:
     return "".join(parts)
 
 
+def fit_history(lm, history: list[dict], reserve: int) -> int:
+    """Drop the oldest turns of `history` in place (a system message stays) until its chat prompt
+    leaves `reserve` tokens of the model's context for the reply, or only the newest message is left;
+    return how many messages were dropped. Nothing goes when the newest message does not fit even
+    alone (the generator then says so)."""
+    context = lm.config.max_position_embeddings
+    first = 1 if history and history[0]["role"] == "system" else 0
+    if len(lm.chat_prompt(history[:first] + history[-1:])) >= context:
+        return 0
+    dropped = 0
+    while len(history) - first > 1 and len(lm.chat_prompt(history)) + reserve > context:
+        n = 2 if len(history) - first > 2 else 1  # a user message and the reply to it
+        del history[first:first + n]
+        dropped += n
+    return dropped
+
+
 def cmd_chat(args) -> int:
+    from .generate import PromptCache
+
     lm = _load(args)
     sampling = _sampling(args)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
@@ -66,6 +85,9 @@ def cmd_chat(args) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"phi3 chat — {Path(lm.source).name}. /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
+    context = lm.config.max_position_embeddings
+    reserve = min(args.max_new_tokens, context // 2)  # room kept for a reply
+    prompt_cache = PromptCache()  # the conversation's KV cache: each turn prefills only what is new
     while True:
         try:
             line = input("> " if interactive else "")
@@ -79,7 +101,16 @@ def cmd_chat(args) -> int:
             history = history[:1] if args.system else []
             continue
         history.append({"role": "user", "content": line})
-        reply = _print_stream(lm.chat_stream(history, **sampling))
+        dropped = fit_history(lm, history, reserve)
+        if dropped:
+            print(f"(the oldest {dropped} messages were dropped to fit the model's {context}-token context)",
+                  file=sys.stderr)
+        try:
+            reply = _print_stream(lm.chat_stream(history, prompt_cache=prompt_cache, **sampling))
+        except Phi3Error as e:  # e.g. one message longer than the context: say so, keep chatting
+            print(f"error: {e}", file=sys.stderr)
+            history.pop()
+            continue
         history.append({"role": "assistant", "content": reply})
 
 

@@ -117,3 +117,110 @@ def test_chunked_prefill_equals_one_call(tiny, monkeypatch):
     monkeypatch.setattr(type(tiny), "forward", counting)
     assert _run(tiny, prompts, max_new_tokens=8) == whole
     assert calls[:6] == [7, 7, 7, 7, 7, 4]  # 39 prompt tokens in chunks of 7, then one token per step
+
+
+# ---- a conversation's KV cache kept between calls (PromptCache) ---------------------------------------
+def _cached_run(model, prompt, cache, **kw):
+    """(tokens, lengths of the forward calls) of one generation through `cache`."""
+    calls = []
+    forward = type(model).forward
+
+    def counting(self, ids, *a, **k):
+        calls.append(ids.shape[1])
+        return forward(self, ids, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(model), "forward", counting)
+        steps = list(generate_tokens(model, [prompt], SamplingParams(**kw), frozenset(), 0, cache))
+    return [s[0] for s in steps], calls
+
+
+@pytest.mark.parametrize("slots", [1024, 8])  # 8: the cache grows (copied into a bigger one) as turns add tokens
+def test_prompt_cache_prefills_only_what_is_new_and_changes_no_token(tiny, slots, monkeypatch):
+    """Turn 2's prompt is turn 1's prompt + reply + a new message (a chat): only the reply's last token
+    (never fed back) and the new message are prefilled, and every token is what a fresh run gives, here
+    past the scaled-down 4K model's sliding window (31) too. A prompt that shares only a prefix
+    goes back to it."""
+    from phi3.generate import PromptCache
+
+    monkeypatch.setattr(PromptCache, "SLOTS", slots)
+    cache = PromptCache()
+    first = list(range(3, 15))
+    out1, calls1 = _cached_run(tiny, first, cache, max_new_tokens=6)
+    assert out1 == _run(tiny, [first], max_new_tokens=6)[0] and calls1 == [12] + [1] * 5
+    assert cache.tokens == first + out1[:-1]
+    second = first + out1 + list(range(40, 50))
+    out2, calls2 = _cached_run(tiny, second, cache, max_new_tokens=20)
+    assert calls2 == [11] + [1] * 19  # out1[-1] and the 10 new tokens
+    assert out2 == _run(tiny, [second], max_new_tokens=20)[0]
+    assert len(second) + 20 > tiny.config.sliding_window and cache.cache.max_len >= len(second) + 20
+    third = first[:5] + [99, 98, 97]  # a different conversation with the same start
+    out3, calls3 = _cached_run(tiny, third, cache, max_new_tokens=4)
+    assert calls3 == [3, 1, 1, 1] and out3 == _run(tiny, [third], max_new_tokens=4)[0]
+    again, calls = _cached_run(tiny, third, cache, max_new_tokens=4)  # the same prompt: its last token re-run
+    assert calls == [1, 1, 1, 1] and again == out3
+
+
+def test_prompt_cache_keeps_what_the_caller_read_and_nothing_after_an_error(tiny):
+    from phi3.generate import PromptCache
+
+    cache = PromptCache()
+    prompt = list(range(3, 13))
+    steps = generate_tokens(tiny, [prompt], SamplingParams(max_new_tokens=10), frozenset(), 0, cache)
+    got = [next(steps)[0] for _ in range(3)]
+    steps.close()  # a stop string ends the reply early
+    assert cache.tokens == prompt + got[:2]  # the third token was never fed back
+    with pytest.raises(Phi3Error, match="token id 999"):  # rejected before the cache is touched
+        list(generate_tokens(tiny, [prompt + [999]], SamplingParams(max_new_tokens=2), frozenset(), 0, cache))
+    assert cache.tokens == prompt + got[:2]
+    forward = type(tiny).forward
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(tiny), "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory")))
+        with pytest.raises(RuntimeError):
+            list(generate_tokens(tiny, [prompt + got], SamplingParams(max_new_tokens=2), frozenset(), 0, cache))
+    assert cache.tokens == [] and type(tiny).forward is forward  # a failed forward call: nothing is trusted
+    out, calls = _cached_run(tiny, prompt, cache, max_new_tokens=3)
+    assert calls[0] == len(prompt) and out == _run(tiny, [prompt], max_new_tokens=3)[0]
+    with pytest.raises(ValueError, match="one sequence"):
+        list(generate_tokens(tiny, [prompt, prompt], SamplingParams(max_new_tokens=2), frozenset(), 0, cache))
+
+
+def test_prompt_cache_follows_the_longrope_switch():
+    """Keys cached under the short factors are not reused for a prompt past L0 (a fresh run computes
+    it under the long ones); once the cache itself has passed L0 it is reused there."""
+    from phi3.generate import PromptCache
+
+    hf_cfg = scaled_down("phi-3-mini-128k-instruct")  # L0 = 32
+    model = build_model(ModelConfig.from_hf_dict(hf_cfg),
+                        transformers.Phi3ForCausalLM(transformers.Phi3Config(**hf_cfg)).state_dict(), torch.float32)
+    cache = PromptCache()
+    first = list(range(3, 23))  # 20 tokens + 8 new: short factors throughout
+    out1, _ = _cached_run(model, first, cache, max_new_tokens=8)
+    assert not cache.long_factors
+    second = first + out1 + list(range(40, 50))  # 38 tokens > L0
+    out2, calls2 = _cached_run(model, second, cache, max_new_tokens=6)
+    assert calls2[0] == len(second) and cache.long_factors  # all recomputed under the long factors
+    assert out2 == _run(model, [second], max_new_tokens=6)[0]
+    third = second + out2 + [60, 61]
+    out3, calls3 = _cached_run(model, third, cache, max_new_tokens=4)
+    assert calls3[0] == 3 and out3 == _run(model, [third], max_new_tokens=4)[0]
+
+
+def test_phi3_small_prompt_cache_goes_back_only_where_its_ring_allows():
+    """Phi-3-small's sparse layers keep a ring of recent keys, which cannot go back: a prompt that
+    continues every cached token reuses the cache, one that diverges starts afresh; the same tokens."""
+    from phi3.generate import PromptCache
+
+    from .models.test_phi3small import make
+
+    _, _, model = make()
+    cache = PromptCache()
+    first = torch.randint(8, 120, (20,)).tolist()
+    out1, _ = _cached_run(model, first, cache, max_new_tokens=5)
+    assert out1 == _run(model, [first], max_new_tokens=5)[0]
+    second = first + out1[:-1] + [9, 10]  # continues every cached token
+    out2, calls2 = _cached_run(model, second, cache, max_new_tokens=5)
+    assert calls2[0] == 2 and out2 == _run(model, [second], max_new_tokens=5)[0]
+    third = first[:10] + [11, 12]  # goes back: not possible through the ring
+    out3, calls3 = _cached_run(model, third, cache, max_new_tokens=5)
+    assert calls3[0] == len(third) and out3 == _run(model, [third], max_new_tokens=5)[0]

@@ -142,3 +142,30 @@ class Cache(nn.Module):
     def reset(self) -> None:
         self.length = 0
         self.positions.fill_(-1)
+
+    def truncate(self, length: int) -> bool:
+        """Keep slots 0 .. length-1 and forget the rest (a prompt cache going back to the prefix a new
+        prompt shares; the forgotten slots are overwritten as the sequence goes on). False, changing
+        nothing, where a layer cannot go back: phi-3-small's ring of recent keys has moved on."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        if length < self.length and not all(type(layer) is KVCache for layer in self.layers):
+            return False
+        self.length = length
+        self.positions[:, length:] = -1
+        return True
+
+    def resized(self, model: Phi3ForCausalLM, max_len: int) -> "Cache | None":
+        """A cache of `max_len` slots (at least `length`) holding this one's tokens, or None where a layer
+        is not a plain `KVCache`."""
+        if not all(type(layer) is KVCache for layer in self.layers) or max_len < self.length:
+            return None
+        first = self.layers[0].k
+        new = type(self)(model, first.shape[0], max_len, first.dtype, first.device)
+        n = self.length
+        for old_layer, new_layer in zip(self.layers, new.layers):
+            new_layer.k[:, :, :n] = old_layer.k[:, :, :n]
+            new_layer.v[:, :, :n] = old_layer.v[:, :, :n]
+        new.positions[:, :n] = self.positions[:, :n]
+        new.length = n
+        return new

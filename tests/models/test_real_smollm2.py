@@ -75,6 +75,79 @@ def test_interactive_chat_keeps_history(default_gguf):
     assert run.stdout == f"{reply1}\n{reply2}\n"
 
 
+def _interactive_chat(default_gguf, lines, monkeypatch, capsys, context=None, max_new=30):
+    """`phi3 chat` in this process with `lines` on stdin: (stdout, stderr, prefill lengths per turn)."""
+    import dataclasses
+    import io
+
+    import phi3.generate as gen
+    from phi3 import cli
+
+    lm = phi3.load(default_gguf)
+    if context is not None:
+        lm.model.config = dataclasses.replace(lm.model.config, max_position_embeddings=context)
+    prefills = []
+    real = gen.prefill
+    monkeypatch.setattr(gen, "prefill", lambda model, ids, *a, **k: prefills.append(ids.shape[1]) or real(model, ids, *a, **k))
+    monkeypatch.setattr(cli, "_load", lambda args: lm)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(f"{line}\n" for line in lines)))
+    assert cli.main(["chat", "-n", str(max_new)]) == 0
+    out = capsys.readouterr()
+    return out.out, out.err, prefills, lm
+
+
+def test_interactive_chat_prefills_only_each_new_turn(default_gguf, monkeypatch, capsys):
+    """The conversation's KV cache stays between turns: turn 2 prefills the end of reply 1 and the new
+    message, not the history; the replies are those of a fresh run on the whole history."""
+    first, second = "My name is Ada.", "What is my name?"
+    out, _, prefills, lm = _interactive_chat(default_gguf, [first, second], monkeypatch, capsys)
+    reply1, reply2 = out.splitlines()
+    history = [{"role": "user", "content": first}, {"role": "assistant", "content": reply1},
+               {"role": "user", "content": second}]
+    assert reply2 == lm.chat(history, max_new_tokens=30)
+    whole = len(lm.chat_prompt(history))
+    assert prefills[0] == len(lm.chat_prompt(first)) and prefills[1] < whole - len(lm.chat_prompt(first))
+    assert prefills[1] < 20 < whole
+
+
+def test_interactive_chat_drops_the_oldest_turns_to_fit_the_context(default_gguf, monkeypatch, capsys):
+    """Past the context the oldest turns go (a note on stderr says so) and the chat goes on; a message
+    longer than the whole context is refused with the reason, and the next one is answered."""
+    long_line = "Tell me about the history of the city of Paris and its river. " * 3
+    lines = [long_line] * 4 + ["word " * 300, "What did I ask about?"]
+    out, err, _, lm = _interactive_chat(default_gguf, lines, monkeypatch, capsys, context=256, max_new=30)
+    notes = err.splitlines()
+    assert "(the oldest 2 messages were dropped to fit the model's 256-token context)" in notes
+    assert notes[-1].startswith("error: prompt has") and notes[-1].endswith("the model's context is 256 tokens")
+    replies = out.splitlines()
+    assert len(replies) == 5 and replies[-1].strip()  # the last message answered
+    # the refused message left the history as it was: the last reply comes from the newest turns that
+    # fit with 30 tokens to spare, then the question
+    turns = [[{"role": "user", "content": long_line}, {"role": "assistant", "content": r}] for r in replies[:4]]
+    question = [{"role": "user", "content": lines[-1]}]
+    history = next(h for k in range(4, -1, -1) for h in [sum(turns[4 - k:], []) + question]
+                   if len(lm.chat_prompt(h)) + 30 <= 256)
+    assert len(history) > 1 and replies[-1] == lm.chat(history, max_new_tokens=30)
+
+
+def test_fit_history_keeps_the_system_message_and_the_newest_turn():
+    from types import SimpleNamespace
+
+    from phi3.cli import fit_history
+
+    lm = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=50),
+                         chat_prompt=lambda h: [0] * sum(len(m["content"].split()) + 2 for m in h))
+    msg = lambda role, n: {"role": role, "content": "w " * n}  # noqa: E731
+    history = [msg("system", 3), msg("user", 10), msg("assistant", 10), msg("user", 10), msg("assistant", 10),
+               msg("user", 5)]
+    assert fit_history(lm, history, reserve=20) == 4  # 5 + 12·4 + 7 tokens, 30 allowed: two turns go
+    assert [m["role"] for m in history] == ["system", "user"]
+    history = [msg("user", 30)]
+    assert fit_history(lm, history, reserve=20) == 0 and len(history) == 1  # the newest message always stays
+    history = [msg("user", 10), msg("assistant", 10), msg("user", 60)]
+    assert fit_history(lm, history, reserve=20) == 0 and len(history) == 3  # too long alone: nothing dropped
+
+
 def test_convert_gguf_to_hf_loads_in_transformers(default_gguf, ours, tmp_path):
     run = subprocess.run([sys.executable, "-m", "phi3.cli", "convert", str(default_gguf), str(tmp_path / "hf")],
                          capture_output=True, text=True, timeout=300)
