@@ -11,6 +11,13 @@ and the last active row is moved into its place, so one decode step is one forwa
 contiguous rows [0, A) — views, no gathers. Columns past a row's length hold stale keys with
 position -1, which the attention mask hides.
 
+Prefix reuse. A sequence that leaves is kept in a free row (its tokens and their keys) while no
+one needs that row: a request whose prompt begins with a kept sequence's tokens (a chat client
+sending the whole conversation again, a shared system prompt) takes that row and prefills only
+what follows; the reply is the same (the generator's `PromptCache` does the same for one caller).
+A new request goes into the first free row; what that row keeps is moved into an empty row, or
+over the sequence kept longest ago when that is older: the least recently kept goes first.
+
 A step: drop cancelled requests; admit waiting requests into free rows (each prompt prefilled
 alone into its row, its first token sampled at once); then one decode forward for all rows
 (input [A, 1], each row writing at its own length); each row samples with its own parameters and
@@ -51,6 +58,7 @@ class Request:
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
     output_ids: list[int] = field(default_factory=list)  # every sampled token, stop token included
+    cached_tokens: int = 0  # prompt tokens found in a kept row, not prefilled again
 
     def cancel(self) -> None:
         """Free the request's slot before the next step (a client that went away)."""
@@ -119,30 +127,47 @@ class _RowsView:
         return self.positions[:, :self.end]
 
 
+@dataclass
+class _Kept:
+    """What a free row still holds of a sequence that left: the tokens whose keys are in columns
+    0 .. len - 1, under LongRoPE's long factors or not."""
+    tokens: list[int]
+    long: bool
+    when: int  # the engine step it was kept at (the oldest is taken over first)
+
+
 class SlotCache:
-    """KV storage for `slots` sequences of up to `slot_len` tokens, each with its own length."""
+    """KV storage for `slots` sequences of up to `slot_len` tokens, each with its own length; a free
+    row may keep a sequence that left (`kept`), for a later prompt that begins with it."""
 
     def __init__(self, model, slots: int, slot_len: int):
         self.store = Cache(model, slots, slot_len, device=model.device)
         self.lengths = torch.zeros(slots, dtype=torch.long)  # tokens held per row
+        self.kept: list[_Kept | None] = [None] * slots
 
     def clear(self, row: int) -> None:
         self.store.positions[row].fill_(-1)
         self.lengths[row] = 0
+        self.kept[row] = None
 
-    def move(self, src: int, dst: int) -> None:
-        """Move sequence `src` into row `dst` (compaction) and clear `src`."""
-        n = int(self.lengths[src])
+    def move(self, src: int, dst: int, n: int | None = None) -> None:
+        """Move the first `n` (default: all) tokens of row `src` into row `dst` and clear `src`."""
+        n = int(self.lengths[src]) if n is None else n
         for kv in self.store.layers:
             kv.k[dst, :, :n] = kv.k[src, :, :n]
             kv.v[dst, :, :n] = kv.v[src, :, :n]
-        self.store.positions[dst] = self.store.positions[src]
+        self.store.positions[dst, :n] = self.store.positions[src, :n]
+        self.store.positions[dst, n:] = -1
         self.lengths[dst] = n
+        self.kept[dst] = self.kept[src]
         self.clear(src)
 
-    def prefill_view(self, row: int) -> _RowsView:
-        self.clear(row)
-        return _RowsView(self.store, slice(row, row + 1), 0)
+    def prefill_view(self, row: int, start: int = 0) -> _RowsView:
+        """Row `row` for a prompt whose first `start` tokens it already holds."""
+        self.store.positions[row, start:] = -1
+        self.lengths[row] = start
+        self.kept[row] = None
+        return _RowsView(self.store, slice(row, row + 1), start)
 
     def decode_view(self, active: int) -> _RowsView:
         return _RowsView(self.store, slice(0, active), self.lengths[:active].clone())
@@ -227,10 +252,43 @@ class Engine:
                 req.on_event(e)
                 continue
             row = len(self.active)
+            req.cached_tokens = self._take_kept(row, seq.ids)
             self.active.append(seq)
-            logits = self._prefill(row, seq.ids)
+            logits = self._prefill(row, seq.ids, req.cached_tokens)
             seq.long = self.model.rotary.uses_long_factors(len(seq.ids))
             self._sample([row], logits)
+
+    def _take_kept(self, row: int, prompt: list[int]) -> int:
+        """Bring into free row `row` the kept sequence sharing the longest prefix with `prompt` (the
+        same LongRoPE factors as a fresh prefill would use; the prompt's last token is always run);
+        return how many prompt tokens it holds."""
+        long = self.model.rotary.uses_long_factors(len(prompt))
+        best, best_n = None, 0
+        for r in range(row, self.slots):
+            kept = self.cache.kept[r]
+            if kept is None or kept.long != long:
+                continue
+            n = 0
+            for a, b in zip(kept.tokens, prompt[:-1]):
+                if a != b:
+                    break
+                n += 1
+            if n > best_n:
+                best, best_n = r, n
+        if best != row and self.cache.kept[row] is not None:  # what `row` keeps moves aside, unless oldest
+            spare = [r for r in range(row + 1, self.slots) if r != best]
+            if spare:
+                target = min(spare, key=self._kept_at)
+                if self._kept_at(target) < self._kept_at(row):
+                    self.cache.move(row, target)
+        if best is not None and best != row:
+            self.cache.move(best, row, best_n)
+        return best_n
+
+    def _kept_at(self, row: int) -> int:
+        """The step row `row`'s sequence was kept at; -1 for a row that keeps nothing."""
+        kept = self.cache.kept[row]
+        return -1 if kept is None else kept.when
 
     def _new_seq(self, req: Request) -> _Seq:
         p = req.params
@@ -244,12 +302,13 @@ class Engine:
         row = text_row(self.tokenizer, req.prompt_ids, p, req.continuation)
         return _Seq(req, list(req.prompt_ids), row, rng, seen, max_new)
 
-    def _prefill(self, row: int, ids: list[int]) -> torch.Tensor:
-        """Write the whole sequence `ids` into cache row `row`; logits [1, V] of its last token."""
+    def _prefill(self, row: int, ids: list[int], start: int = 0) -> torch.Tensor:
+        """Write the sequence `ids` into cache row `row`, which holds its first `start` tokens already;
+        logits [1, V] of its last token."""
         n = len(ids)
-        view = self.cache.prefill_view(row)
-        tokens = torch.tensor([ids], dtype=torch.long, device=self.model.device)  # [1, n]
-        positions = torch.arange(n, device=self.model.device)[None]  # [1, n]
+        view = self.cache.prefill_view(row, start)
+        tokens = torch.tensor([ids[start:]], dtype=torch.long, device=self.model.device)  # [1, n - start]
+        positions = torch.arange(start, n, device=self.model.device)[None]  # [1, n - start]
         logits = self.model(tokens, positions, view, seq_len=n, last_only=True)[:, -1]
         self.cache.lengths[row] = n
         return logits
@@ -295,7 +354,8 @@ class Engine:
                 s.done = True
 
     def _retire(self) -> None:
-        """Finished and cancelled sequences leave now; the last active row fills each hole."""
+        """Finished and cancelled sequences leave now; the last active row fills each hole. What a
+        leaving sequence holds is kept in a free row (see `_keep`)."""
         i = 0
         while i < len(self.active):
             s = self.active[i]
@@ -303,14 +363,29 @@ class Engine:
                 if self.metrics is not None:
                     self.metrics.observe_finish(s)
                 last = len(self.active) - 1
+                self._keep(i, s, last)
                 if i != last:
                     self.cache.move(last, i)
                     self.active[i] = self.active[last]
-                else:
-                    self.cache.clear(i)
                 self.active.pop()
             else:
                 i += 1
+
+    def _keep(self, row: int, s: _Seq, last: int) -> None:
+        """Keep what row `row` holds of `s` (leaving; rows >= `last` are free once it has left) in a
+        free row: its own when it is the last active row, else the free row kept longest ago (none
+        free: not kept)."""
+        n = int(self.cache.lengths[row])
+        kept = _Kept(s.ids[:n], s.long, self.steps)
+        if row == last:
+            self.cache.kept[row] = kept
+            return
+        free = range(last + 1, self.slots)
+        if not free:
+            return
+        target = min(free, key=self._kept_at)
+        self.cache.move(row, target)
+        self.cache.kept[target] = kept
 
     def _fail_all(self, error: Exception) -> None:
         for s in self.active:

@@ -262,7 +262,8 @@ def create_app(lm, engine: Engine, model_id: str, api_key: str | None = None,
 
     def usage(prompts, reqs) -> dict:
         p, c = sum(len(x) for x in prompts), sum(len(r.output_ids) for r in reqs)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+                "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in reqs)}}
 
     async def collect(request: HTTPRequest, reqs, queue) -> tuple[list[str], list[str]]:
         texts, reasons = [[] for _ in reqs], [None] * len(reqs)

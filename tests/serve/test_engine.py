@@ -128,7 +128,13 @@ def test_finished_and_cancelled_sequences_leave_at_once_and_rows_compact(lm4k):
     assert [s.req for s in engine.active] == [long]  # moved into row 0
     _run(engine)
     assert long.output_ids == _alone(lm4k, prompts[2], SamplingParams(max_new_tokens=30))
-    assert engine.cache.store.positions.max() == -1  # every slot is free again
+    assert not engine.active  # every row free again: empty, or keeping a sequence that left (prefix reuse)
+    for row, kept in enumerate(engine.cache.kept):
+        held = int(engine.cache.lengths[row]) if kept is not None else 0
+        assert int((engine.cache.store.positions[row] >= 0).sum()) == held
+        if kept is not None:
+            assert kept.tokens in [(r.prompt_ids + r.output_ids)[:held] for r in (short, cancelled, long)]
+    assert any(kept is not None for kept in engine.cache.kept)
 
 
 def test_longrope_rows_switch_factors_each_on_its_own(lm128k):
@@ -241,3 +247,64 @@ def test_quantized_rows_decode_natively_each_at_its_own_slot(phi3_tok, monkeypat
     assert per_row and any(len(set(s)) > 1 for s in per_row)  # rows at different slots in one step
     for r, p, q in zip(reqs, prompts, params):
         assert r.output_ids == _alone(lm, p, q)
+
+
+# ---- prefix reuse: a sequence that left is kept in a free row --------------------------------------------
+def _turn(engine, prompt, params):
+    req = _req(prompt, params)
+    engine.submit(req)
+    _run(engine)
+    return req
+
+
+def test_a_conversation_sent_again_prefills_only_its_new_tokens(lm4k):
+    """A chat client sends the whole conversation each turn: turn 2 finds turn 1's sequence kept in
+    a free row and prefills only what follows it; the tokens are those of the generator alone."""
+    params = SamplingParams(max_new_tokens=8)
+    engine = Engine(lm4k, slots=2, slot_len=128)
+    first = _prompt(40, 12)
+    one = _turn(engine, first, params)
+    second = first + one.output_ids + _prompt(41, 6)
+    two = _turn(engine, second, params)
+    assert one.cached_tokens == 0 and two.cached_tokens == len(first) + len(one.output_ids) - 1  # its last token never ran
+    assert two.output_ids == _alone(lm4k, second, params)
+    three = _turn(engine, second, params)  # the same prompt again: all but its last token
+    assert three.cached_tokens == len(second) - 1 and three.output_ids == two.output_ids
+
+
+def test_interleaved_conversations_each_keep_their_row(lm4k):
+    """Two clients taking turns: a newcomer's row is the first free one, and what that row kept
+    moves to an empty row instead of being overwritten, so both conversations are reused."""
+    params = SamplingParams(max_new_tokens=6)
+    engine = Engine(lm4k, slots=3, slot_len=128)
+    x1, y1 = _prompt(50, 10), _prompt(51, 14)
+    rx1 = _turn(engine, x1, params)
+    ry1 = _turn(engine, y1, params)
+    x2, y2 = x1 + rx1.output_ids + _prompt(52, 5), y1 + ry1.output_ids + _prompt(53, 5)
+    rx2 = _turn(engine, x2, params)
+    ry2 = _turn(engine, y2, params)
+    assert rx2.cached_tokens == len(x1) + 5 and ry2.cached_tokens == len(y1) + 5
+    assert rx2.output_ids == _alone(lm4k, x2, params) and ry2.output_ids == _alone(lm4k, y2, params)
+    # while both run at once, rows are busy; each finds its kept row all the same
+    x3, y3 = x2 + rx2.output_ids + [7, 8], y2 + ry2.output_ids + [9, 10]
+    rx3, ry3 = _req(x3, params), _req(y3, params)
+    engine.submit(rx3)
+    engine.submit(ry3)
+    _run(engine)
+    assert rx3.cached_tokens == len(x2) + 5 and ry3.cached_tokens == len(y2) + 5
+    assert rx3.output_ids == _alone(lm4k, x3, params) and ry3.output_ids == _alone(lm4k, y3, params)
+
+
+def test_a_kept_sequence_is_not_reused_across_the_longrope_switch(lm128k):
+    """Kept under the short factors, a prefix is not reused for a prompt past L0 (= 32), which a
+    fresh prefill computes under the long ones."""
+    params = SamplingParams(max_new_tokens=4)
+    engine = Engine(lm128k, slots=2, slot_len=96)
+    first = _prompt(60, 20)
+    one = _turn(engine, first, params)
+    longer = first + one.output_ids + _prompt(61, 15)  # 39 tokens > L0
+    two = _turn(engine, longer, params)
+    assert two.cached_tokens == 0 and two.output_ids == _alone(lm128k, longer, params)
+    again = _turn(engine, longer + two.output_ids + [5], params)  # kept under the long factors: reused
+    assert again.cached_tokens == len(longer) + 3
+    assert again.output_ids == _alone(lm128k, longer + two.output_ids + [5], params)

@@ -52,6 +52,22 @@ def test_chat_matches_the_cli_generator_with_usage(client, model_id, smol):
     assert r.model == model_id and r.object == "chat.completion"
 
 
+def test_a_conversation_sent_again_reports_its_cached_prompt_tokens(client, model_id, smol):
+    """A chat client resends the whole conversation every turn: the server finds the earlier turn's
+    tokens kept, prefills only the rest (`usage.prompt_tokens_details.cached_tokens`, as OpenAI's
+    API reports it), and the reply is the generator's on the whole conversation."""
+    messages = [{"role": "system", "content": "You answer in one short sentence."},
+                {"role": "user", "content": "Name a large river in Europe."}]
+    first = client.chat.completions.create(model=model_id, messages=messages, temperature=0, max_tokens=20)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "Which countries does it flow through?"}]
+    second = client.chat.completions.create(model=model_id, messages=messages, temperature=0, max_tokens=20)
+    text, _, prompt_tokens, _ = _reference(smol, messages, max_new_tokens=20)
+    assert second.choices[0].message.content == text
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens < cached < prompt_tokens == second.usage.prompt_tokens
+
+
 def test_streaming_chat_gives_the_same_text_in_pieces(client, model_id, smol):
     messages = [{"role": "system", "content": "You are a poet."},
                 {"role": "user", "content": "Write two lines about the sea."}]
