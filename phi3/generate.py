@@ -106,6 +106,17 @@ def _check_context(model, prompts: list[list[int]], max_new_tokens: int) -> int:
     return min(max_new_tokens, context - longest)
 
 
+def reusable_prefix(held: list[int], prompt: list[int]) -> int:
+    """How many leading tokens of `prompt` are the first tokens of `held` (whose keys a cache holds),
+    never the prompt's last: it is always run, its logits start the reply."""
+    n = 0
+    for a, b in zip(held, prompt[:-1]):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
 @dataclass
 class PromptCache:
     """One conversation's KV cache, kept from one `generate_tokens` call to the next (a single row): a
@@ -125,11 +136,7 @@ class PromptCache:
         least `total` slots): (0, None) when nothing can be kept."""
         if self.cache is None or self.model is not model or self.long_factors != model.rotary.uses_long_factors(len(prompt)):
             return 0, None
-        n = 0
-        for a, b in zip(self.tokens, prompt[:-1]):  # the last prompt token is always run: its logits start the reply
-            if a != b:
-                break
-            n += 1
+        n = reusable_prefix(self.tokens, prompt)
         if not self.cache.truncate(n):
             return 0, None
         cache = self.cache if self.cache.max_len >= total else self.cache.resized(model, self.slots(model, total))
@@ -192,11 +199,13 @@ def generate_tokens(model, prompts: list[list[int]], params: SamplingParams,
 
     reused, cache = prompt_cache.reuse(model, prompts[0], total) if prompt_cache is not None else (0, None)
     if cache is None:
-        slots = prompt_cache.slots(model, total) if prompt_cache is not None else total
+        slots = total
+        if prompt_cache is not None:
+            prompt_cache.cache, slots = None, prompt_cache.slots(model, total)  # the old one freed first
         cache = model.new_cache(batch, slots, device=device) if hasattr(model, "new_cache") else Cache(model, batch, slots, device=device)
     rotary = model.rotary
     cache_long = rotary.uses_long_factors(longest)
-    finished = False
+    sound = True  # whether the cache holds exactly ids[:, :cache.length] when this generator ends
     try:
         logits = prefill(model, ids[:, reused:longest], pos[:, reused:longest], cache, seq_len=longest)
         done = [False] * batch
@@ -213,11 +222,8 @@ def generate_tokens(model, prompts: list[list[int]], params: SamplingParams,
                 out.append(t)
                 done[row] = t in stop_token_ids
             seen[torch.arange(batch), tokens] = True
-            finished = True  # from here on the cache holds ids[:, :cache.length] whenever the caller stops
             yield out
-            finished = False
             if all(done) or step == max_new - 1:
-                finished = True
                 return
             ids[:, length] = tokens
             pos[:, length] = pos[:, length - 1] + 1
@@ -229,10 +235,13 @@ def generate_tokens(model, prompts: list[list[int]], params: SamplingParams,
                 logits = prefill(model, ids[:, :length], pos[:, :length], cache, seq_len=length)
             else:
                 logits = model(ids[:, length - 1:length], pos[:, length - 1:length], cache, seq_len=length)[:, -1]
+    except BaseException as e:
+        sound = isinstance(e, GeneratorExit)  # the caller stopped reading; anything else may have struck mid-call
+        raise
     finally:
-        if prompt_cache is not None:  # an error part-way through a forward call: keep nothing of it
+        if prompt_cache is not None:
             prompt_cache.cache, prompt_cache.model, prompt_cache.long_factors = cache, model, cache_long
-            prompt_cache.tokens = ids[0, :cache.length].tolist() if finished else []
+            prompt_cache.tokens = ids[0, :cache.length].tolist() if sound else []
 
 
 # ---- text level ---------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from ..generate import Delta, SamplingParams, sample_next, text_row
+from ..generate import Delta, SamplingParams, reusable_prefix, sample_next, text_row
 from ..models.phi3 import Cache
 
 
@@ -268,11 +268,7 @@ class Engine:
             kept = self.cache.kept[r]
             if kept is None or kept.long != long:
                 continue
-            n = 0
-            for a, b in zip(kept.tokens, prompt[:-1]):
-                if a != b:
-                    break
-                n += 1
+            n = reusable_prefix(kept.tokens, prompt)
             if n > best_n:
                 best, best_n = r, n
         if best != row and self.cache.kept[row] is not None:  # what `row` keeps moves aside, unless oldest
