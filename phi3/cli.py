@@ -19,6 +19,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="quantize a full-precision model as it loads: int4 or int8 linears, int8 head "
                         "(as `phi3 quantize` would, without writing a file)")
     p.add_argument("--group-size", type=int, default=64, help="int4 group size for --quantize (32, 64 or 128)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="compute threads (default 0: torch's choice, all cores; fewer is better on a busy machine)")
 
 
 def _add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -40,6 +42,11 @@ def _sampling(args) -> dict:
 
 def _load(args):
     from .api import load
+    if args.threads < 0:
+        raise Phi3Error(f"--threads must be >= 0, not {args.threads}")
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     return load(args.model, None if args.dtype == "auto" else args.dtype, dequantize=args.dequantize,
                 quantize=args.quantize, group_size=args.group_size)
 
@@ -213,12 +220,9 @@ def cmd_serve(args) -> int:
 
     from .serve.server import API_KEY_ENV, serve
 
-    for name in ("port", "slots", "ctx", "max_queue", "threads"):
-        if getattr(args, name) < (0 if name in ("port", "threads") else 1):
-            raise Phi3Error(f"--{name.replace('_', '-')} must be {'>= 0' if name in ('port', 'threads') else '>= 1'}")
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
+    for name in ("port", "slots", "ctx", "max_queue"):
+        if getattr(args, name) < (0 if name == "port" else 1):
+            raise Phi3Error(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'port' else '>= 1'}")
     lm = _load(args)
     return serve(lm, host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV),
                  slots=args.slots, slot_len=args.ctx, max_queue=args.max_queue, cors_origins=args.cors_origin,
@@ -281,8 +285,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
     p.add_argument("--cors-origin", action="append", default=None, help="allow this browser origin (repeatable; default: no CORS)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the file name)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads for the engine (default 0: torch's choice; 1 is best on a busy machine)")
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
     p.set_defaults(func=cmd_serve)
 

@@ -61,6 +61,20 @@ def test_cli_chat_and_generate_print_just_the_text(default_gguf):
     assert gen.stdout.startswith(" ") and len(gen.stdout.strip()) > 0  # a continuation of the prompt
 
 
+def test_threads_are_settable_on_chat_generate_and_serve(default_gguf, capsys):
+    from phi3.cli import main
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["generate", "Hello", "--model", str(default_gguf), "-n", "2", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1 and capsys.readouterr().out.strip()
+    finally:
+        torch.set_num_threads(before)
+    for verb in (["chat", "Hi"], ["generate", "Hi"], ["serve"]):
+        assert main([*verb, "--threads", "-2"]) == 2
+        assert capsys.readouterr().err.strip() == "error: --threads must be >= 0, not -2"
+
+
 def test_interactive_chat_keeps_history(default_gguf):
     """Lines on stdin are turns of one conversation: the second reply is generated from the whole history."""
     ours = phi3.load(default_gguf)  # as the CLI loads it: int4 weights kept
