@@ -51,12 +51,23 @@ def _load(args):
                 quantize=args.quantize, group_size=args.group_size)
 
 
-def _print_stream(chunks) -> str:
+def _print_stream(chunks, interruptible: bool = False) -> str:
+    """Print the streamed text; return it. `interruptible`: Ctrl-C ends the stream (what was printed
+    is returned), not the program."""
     parts = []
-    for text in chunks:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        parts.append(text)
+    try:
+        for text in chunks:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            parts.append(text)
+    except KeyboardInterrupt:
+        if not interruptible:
+            raise
+        print("\n(stopped)", file=sys.stderr, end="")
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()  # the generator's state (its prompt cache) settles now
     sys.stdout.write("\n")
     sys.stdout.flush()
     return "".join(parts)
@@ -91,7 +102,8 @@ def cmd_chat(args) -> int:
         return 0
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"phi3 chat — {Path(lm.source).name}. /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
+        print(f"phi3 chat — {Path(lm.source).name}. Ctrl-C stops a reply, /reset clears the history, "
+              "/exit or Ctrl-D quits.", file=sys.stderr)
     context = lm.config.max_position_embeddings
     reserve = min(args.max_new_tokens, context // 2)  # room kept for a reply
     prompt_cache = PromptCache()  # the conversation's KV cache: each turn prefills only what is new
@@ -113,7 +125,7 @@ def cmd_chat(args) -> int:
             print(f"(the oldest {dropped} messages were dropped to fit the model's {context}-token context)",
                   file=sys.stderr)
         try:
-            reply = _print_stream(lm.chat_stream(history, prompt_cache=prompt_cache, **sampling))
+            reply = _print_stream(lm.chat_stream(history, prompt_cache=prompt_cache, **sampling), interruptible=True)
         except Phi3Error as e:  # e.g. one message longer than the context: say so, keep chatting
             print(f"error: {e}", file=sys.stderr)
             history.pop()

@@ -144,6 +144,36 @@ def test_interactive_chat_drops_the_oldest_turns_to_fit_the_context(default_gguf
     assert len(history) > 1 and replies[-1] == lm.chat(history, max_new_tokens=30)
 
 
+def test_ctrl_c_stops_a_reply_not_the_chat(default_gguf, monkeypatch, capsys):
+    """Ctrl-C while a reply streams ends that reply (what was printed stays in the history) and the
+    chat goes on with the next message, from a prompt cache that is still sound."""
+    import io
+
+    from phi3 import cli
+
+    lm = phi3.load(default_gguf)
+    real, histories = lm.chat_stream, []
+
+    def chat_stream(history, **kw):
+        histories.append([dict(m) for m in history])
+        pieces = real(history, **kw)
+        if len(histories) == 1:  # the first reply: two pieces, then Ctrl-C
+            yield next(pieces)
+            yield next(pieces)
+            raise KeyboardInterrupt
+        yield from pieces
+
+    monkeypatch.setattr(lm, "chat_stream", chat_stream)
+    monkeypatch.setattr(cli, "_load", lambda args: lm)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Tell me a long story.\nWhat is the capital of France?\n"))
+    assert cli.main(["chat", "-n", "30"]) == 0
+    out, err = capsys.readouterr()
+    partial, answer = out.splitlines()
+    assert "(stopped)" in err and partial
+    assert histories[1][1] == {"role": "assistant", "content": partial}
+    assert answer == lm.chat(histories[1], max_new_tokens=30)
+
+
 def test_fit_history_keeps_the_system_message_and_the_newest_turn():
     from types import SimpleNamespace
 
