@@ -90,14 +90,32 @@ def fit_history(lm, history: list[dict], reserve: int) -> int:
     return dropped
 
 
+def _read_text(path: str) -> str:
+    """The text of a --file argument ('-': standard input)."""
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise Phi3Error(f"cannot read --file {path}: {e.strerror if isinstance(e, OSError) else e}") from None
+
+
+def _with_file(args, text: str) -> str:
+    """`text` after the --file contents (a document, then the request about it), as one message."""
+    if args.file is None:
+        return text
+    document = _read_text(args.file)
+    return f"{document.rstrip()}\n\n{text}" if text else document
+
+
 def cmd_chat(args) -> int:
     from .generate import PromptCache
 
     lm = _load(args)
     sampling = _sampling(args)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
-    if args.message:
-        history.append({"role": "user", "content": " ".join(args.message)})
+    if args.message or args.file is not None:
+        history.append({"role": "user", "content": _with_file(args, " ".join(args.message))})
         _print_stream(lm.chat_stream(history, **sampling))
         return 0
     interactive = sys.stdin.isatty()
@@ -134,8 +152,11 @@ def cmd_chat(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    if args.prompt is None and args.file is None:
+        raise Phi3Error("nothing to complete: give PROMPT, or --file FILE ('-': standard input)")
+    prompt = _with_file(args, args.prompt or "")
     lm = _load(args)
-    _print_stream(lm.stream(args.prompt, **_sampling(args)))
+    _print_stream(lm.stream(prompt, **_sampling(args)))
     return 0
 
 
@@ -249,13 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_sampling(p, temperature=0.0)
     p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--file", "-f", default=None,
+                   help="a document for one message: its text, then MESSAGE if given ('-': standard input)")
     p.add_argument("message", nargs="*", help="one message: print just the reply")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="plain completion of PROMPT (no chat template)")
     _add_model(p)
     _add_sampling(p, temperature=0.0)
-    p.add_argument("prompt")
+    p.add_argument("--file", "-f", default=None, help="the prompt's text from a file, then PROMPT if given ('-': standard input)")
+    p.add_argument("prompt", nargs="?", default=None)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("convert", help="convert SRC (GGUF or HF directory) to an HF directory DST, "

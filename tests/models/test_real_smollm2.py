@@ -174,6 +174,31 @@ def test_ctrl_c_stops_a_reply_not_the_chat(default_gguf, monkeypatch, capsys):
     assert answer == lm.chat(histories[1], max_new_tokens=30)
 
 
+def test_file_prompts_for_generate_and_chat(default_gguf, tmp_path, monkeypatch, capsys):
+    """`--file`: a document as the prompt (generate) or as the message before MESSAGE (chat); '-' reads
+    standard input; an unreadable file or no prompt at all is a one-line error."""
+    import io
+
+    from phi3 import cli
+
+    lm = phi3.load(default_gguf)
+    monkeypatch.setattr(cli, "_load", lambda args: lm)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("Paris is the capital of France. It lies on the Seine.\n", encoding="utf-8")
+    assert cli.main(["generate", "--file", str(doc), "-n", "8"]) == 0
+    assert capsys.readouterr().out == lm.generate(doc.read_text(), max_new_tokens=8) + "\n"
+    assert cli.main(["chat", "-f", str(doc), "Which river?", "-n", "20"]) == 0
+    message = "Paris is the capital of France. It lies on the Seine.\n\nWhich river?"
+    assert capsys.readouterr().out == lm.chat(message, max_new_tokens=20) + "\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(doc.read_text()))
+    assert cli.main(["chat", "-f", "-", "Which river?", "-n", "20"]) == 0
+    assert capsys.readouterr().out == lm.chat(message, max_new_tokens=20) + "\n"
+    assert cli.main(["generate", "-f", str(tmp_path / "missing.txt")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: cannot read --file {tmp_path / 'missing.txt'}: No such file or directory"
+    assert cli.main(["generate"]) == 2
+    assert "nothing to complete" in capsys.readouterr().err
+
+
 def test_fit_history_keeps_the_system_message_and_the_newest_turn():
     from types import SimpleNamespace
 
