@@ -56,6 +56,7 @@ def describe(model: str | None) -> str:
         nbytes = path.stat().st_size
         types = ", ".join(f"{k}×{v}" for k, v in sorted(counts.items()))
     rope = "LongRoPE" if cfg.is_longrope else "RoPE"
+    kv_token = kv_bytes_per_token(cfg)
     lines = [
         f"model:        {path}",
         f"format:       {fmt}",
@@ -68,5 +69,13 @@ def describe(model: str | None) -> str:
         f"context:      {cfg.max_position_embeddings} ({rope}, theta {cfg.rope_theta:g}, "
         f"original {cfg.original_max_position_embeddings}, rotary dims {cfg.rotary_dim}, "
         f"sliding window {cfg.sliding_window})",
+        f"kv cache:     {_human(kv_token)} per token (16-bit keys and values: quantized and bf16 models), "
+        f"{_human(kv_token * cfg.max_position_embeddings)} at the full context"
+        + (" (block-sparse layers keep less)" if cfg.model_type == "phi3small" else ""),
     ]
     return "\n".join(lines)
+
+
+def kv_bytes_per_token(cfg, bytes_per_value: int = 2) -> int:
+    """Bytes a token's keys and values take in a dense KV cache: every layer, every KV head."""
+    return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * bytes_per_value

@@ -231,3 +231,4 @@ def test_convert_gguf_to_hf_loads_in_transformers(default_gguf, ours, tmp_path):
         assert torch.equal(load_hf_checkpoint(tmp_path / "hf")(x), ours.model(x))
     info = subprocess.run([sys.executable, "-m", "phi3.cli", "info", str(default_gguf)], capture_output=True, text=True)
     assert "LlamaForCausalLM" in info.stdout and "0.135 B" in info.stdout
+    assert "kv cache:     23.0 KB per token" in info.stdout  # 30 layers x 2 x 3 KV heads x 64 x 2 bytes
