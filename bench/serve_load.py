@@ -114,6 +114,44 @@ async def load(url: str, model: str, clients: int, seconds: float, max_tokens: i
         return stats, time.perf_counter() - start
 
 
+CHAT = [  # one conversation, a message per turn; each request sends the whole history (as chat clients do)
+    "I am planning a week-long trip through the north of Italy in October. I like old towns, museums, "
+    "mountains and good food, and I will travel by train. Which cities should I visit, and in what order?",
+    "Tell me more about the second city on your list: what to see there in one day, and where to eat.",
+    "How long does the train take between those places, and do I need to book tickets in advance?",
+    "What should I pack for the weather at that time of year, including for a day in the mountains?",
+    "Suggest a day trip from the first city that is easy by train, with a short walk at the end.",
+    "What are three local dishes I should try, and what is each one made of?",
+    "Write the whole plan as a day-by-day list, one line per day.",
+    "Thank you. Any last advice about museums: which ones need a reservation?",
+]
+
+
+async def chat_turns(url: str, model: str, max_tokens: int) -> list[float]:
+    """One client, one conversation of len(CHAT) turns (greedy): seconds to the first content chunk of
+    each turn. The history grows by every reply, so a server that prefills it all again slows down."""
+    messages, ttft = [], []
+    async with httpx.AsyncClient(timeout=httpx.Timeout(300.0)) as client:
+        for text in CHAT:
+            messages.append({"role": "user", "content": text})
+            body = {"model": model, "messages": messages, "stream": True, "max_tokens": max_tokens,
+                    "temperature": 0.0}
+            start, first, reply = time.perf_counter(), None, []
+            async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    choices = json.loads(line[6:]).get("choices") or []
+                    content = (choices[0].get("delta") or {}).get("content") if choices else None
+                    if content:
+                        first = first or time.perf_counter()
+                        reply.append(content)
+            ttft.append(first - start)
+            messages.append({"role": "assistant", "content": "".join(reply)})
+    return ttft
+
+
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> str:
     """Wait for the server's /v1/models; return the model id."""
     deadline = time.monotonic() + timeout
@@ -161,6 +199,8 @@ def bench_server(name: str, proc: subprocess.Popen, url: str, args) -> list[dict
     try:
         model = wait_ready(url, proc)
         asyncio.run(load(url, model, 1, 3, 8))  # warm-up
+        if args.chat:
+            return [{"server": name, "ttft": asyncio.run(chat_turns(url, model, args.max_tokens))}]
         single = row(name, 1, *asyncio.run(load(url, model, 1, args.single_seconds, args.max_tokens)))
         print(f"  {name} 1 client: {single['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
         many = row(name, args.clients, *asyncio.run(load(url, model, args.clients, args.seconds, args.max_tokens)))
@@ -189,6 +229,22 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def chat_table(rows: list[dict], command: str, gguf: Path, args) -> str:
+    names = [r["server"] for r in rows]
+    lines = [f"`{command.strip()}`: model `{gguf.name}`, one client, {len(CHAT)} turns, max_tokens "
+             f"{args.max_tokens}, greedy, {args.threads} compute thread(s); seconds to the first token of each turn",
+             "", "| turn | " + " | ".join(names) + (" | ratio |" if len(rows) == 2 else " |"),
+             "|---|" + "---|" * (len(rows) + (len(rows) == 2))]
+    for k in range(len(CHAT)):
+        cells = [f"{r['ttft'][k]:.3f}" for r in rows]
+        ratio = [f"{rows[1]['ttft'][k] / rows[0]['ttft'][k]:.2f}"] if len(rows) == 2 else []
+        lines.append(f"| {k + 1} | " + " | ".join(cells + ratio) + " |")
+    totals = [sum(r["ttft"]) for r in rows]
+    lines.append("| all | " + " | ".join([f"{t:.3f}" for t in totals]
+                                       + ([f"{totals[1] / totals[0]:.2f}"] if len(rows) == 2 else [])) + " |")
+    return "\n".join(lines)
+
+
 def write_benchmarks(text: str) -> None:
     path = ROOT / "BENCHMARKS.md"
     begin, end = "<!-- serve_load:begin -->", "<!-- serve_load:end -->"
@@ -214,6 +270,9 @@ def main() -> int:
     p.add_argument("--only", choices=["phi3", "llama"], default=None)
     p.add_argument("--llama-python", default=str(ROOT / ".venv-llama" / "bin" / "python"))
     p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    p.add_argument("--chat", action="store_true",
+                   help="instead: one client, one multi-turn conversation; time to the first token of each turn "
+                        "(printed, not written to BENCHMARKS.md)")
     args = p.parse_args()
 
     sys.path.insert(0, str(ROOT))
@@ -232,6 +291,9 @@ def main() -> int:
                              f"http://127.0.0.1:{port}", args)
 
     command = "python bench/serve_load.py " + " ".join(sys.argv[1:])
+    if args.chat:
+        print(chat_table(rows, command, gguf, args))
+        return 0
     text = "\n".join([
         "## Serving under load (`bench/serve_load.py`)",
         "",

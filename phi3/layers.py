@@ -168,14 +168,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return _Rotary.apply(x, cos, sin)
 
 
+def _broadcast_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape `a` and `b` broadcast to (aligned on the right). `torch.broadcast_shapes` imports
+    sympy on its first call: 0.5 s and tens of MB that inference has no other use for."""
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    return tuple(p if q == 1 else q for p, q in zip(a, b))
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
     """x1 c - sign x2 s | x2 c + sign x1 s (sign -1: the transpose, i.e. the backward) into one
     fresh tensor: four fused multiply-adds, no concatenations or negated copies."""
     half = cos.shape[-1] // 2
     c, s = cos[..., :half], sin[..., :half]
     x1, x2 = x[..., :half], x[..., half:2 * half]
-    shape = torch.broadcast_shapes(x.shape, cos.shape[:-1] + (x.shape[-1],))
-    out = torch.empty(shape, dtype=torch.result_type(x, cos), device=x.device)
+    out = torch.empty(_broadcast_shape(x.shape, cos.shape[:-1] + (x.shape[-1],)), dtype=torch.result_type(x, cos),
+                      device=x.device)
     o1, o2 = out[..., :half], out[..., half:2 * half]
     torch.mul(x1, c, out=o1)
     o1.addcmul_(x2, s, value=-sign)

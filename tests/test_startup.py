@@ -20,8 +20,10 @@ import phi3
 from phi3.checkpoint import load_hf_checkpoint
 from phi3.generate import SamplingParams, generate_tokens
 model = load_hf_checkpoint(sys.argv[1]) if sys.argv[1] != "default" else phi3.load().model
-steps = list(generate_tokens(model, [[1, 5, 9, 4]], SamplingParams(max_new_tokens=4, temperature=0.0)))
-assert len(steps) == 4, steps
+for n in (4, min(300, model.config.max_position_embeddings - 8)):  # a few tokens, then a prompt big enough
+    prompt = [1 + i % 50 for i in range(n)]                       # for every prefill kernel (fused RoPE ...)
+    steps = list(generate_tokens(model, [prompt], SamplingParams(max_new_tokens=4, temperature=0.0)))
+    assert len(steps) == 4, steps
 print(sorted({"torch._dynamo", "sympy"} & set(sys.modules)) or "neither")
 """
 
