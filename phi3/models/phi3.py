@@ -143,13 +143,17 @@ class Cache(nn.Module):
         self.length = 0
         self.positions.fill_(-1)
 
+    def _plain_layers(self) -> bool:
+        """Whether every layer is a plain `KVCache` (slot i holds token i, so it can go back or be copied)."""
+        return all(type(layer) is KVCache for layer in self.layers)
+
     def truncate(self, length: int) -> bool:
         """Keep slots 0 .. length-1 and forget the rest (a prompt cache going back to the prefix a new
         prompt shares; the forgotten slots are overwritten as the sequence goes on). False, changing
         nothing, where a layer cannot go back: phi-3-small's ring of recent keys has moved on."""
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
-        if length < self.length and not all(type(layer) is KVCache for layer in self.layers):
+        if length < self.length and not self._plain_layers():
             return False
         self.length = length
         self.positions[:, length:] = -1
@@ -158,7 +162,7 @@ class Cache(nn.Module):
     def resized(self, model: Phi3ForCausalLM, max_len: int) -> "Cache | None":
         """A cache of `max_len` slots (at least `length`) holding this one's tokens, or None where a layer
         is not a plain `KVCache`."""
-        if not all(type(layer) is KVCache for layer in self.layers) or max_len < self.length:
+        if not self._plain_layers() or max_len < self.length:
             return None
         first = self.layers[0].k
         new = type(self)(model, first.shape[0], max_len, first.dtype, first.device)
